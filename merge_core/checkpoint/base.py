@@ -1,0 +1,163 @@
+"""Reader and writer interfaces every checkpoint kind implements, and their registry.
+
+Readers give tensors one name at a time, lazily (memory-mapped where the format
+allows), so the engine never holds a whole model. Writers take tensors in the
+announced order and write them as they come, into a temporary file that only
+:meth:`CheckpointWriter.commit` renames into place.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import torch
+
+from merge_core.errors import CheckpointError
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Shape and dtype of a stored tensor, known without reading its data."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n * self.dtype.itemsize
+
+
+class CheckpointReader(abc.ABC):
+    """Read-only view of one checkpoint's tensors. Never modifies the file."""
+
+    kind: str = "checkpoint"
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    @abc.abstractmethod
+    def keys(self) -> list[str]:
+        """Tensor names in stored order."""
+
+    @abc.abstractmethod
+    def spec(self, name: str) -> TensorSpec:
+        """Shape and dtype of ``name`` without reading its data."""
+
+    @abc.abstractmethod
+    def get(self, name: str) -> torch.Tensor:
+        """The tensor ``name``; may be backed by a read-only memory map."""
+
+    def files(self) -> list[Path]:
+        """The files whose bytes make up this checkpoint (for sizes and hashes)."""
+        return [self.path]
+
+    def close(self) -> None:
+        """Release file handles and maps."""
+
+    def __enter__(self) -> "CheckpointReader":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class CheckpointWriter(abc.ABC):
+    """Writes tensors in the order given to the constructor, atomically."""
+
+    def __init__(self, path: Path, specs: Mapping[str, TensorSpec], base: CheckpointReader | None) -> None:
+        self.path = Path(path)
+        self.specs = dict(specs)
+        self.base = base
+
+    @property
+    def order(self) -> list[str]:
+        """The order tensors must be written in (a writer may lay them out its own way)."""
+        return list(self.specs)
+
+    @abc.abstractmethod
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Write the next tensor; names must come in ``specs`` order."""
+
+    @abc.abstractmethod
+    def commit(self, provenance: Mapping[str, Any]) -> list[Path]:
+        """Store provenance, move the output into place; returns the written files."""
+
+    @abc.abstractmethod
+    def abort(self) -> None:
+        """Remove every temporary file; the destination is left as it was."""
+
+    def __enter__(self) -> "CheckpointWriter":
+        return self
+
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+        if exc_type is not None:
+            self.abort()
+
+
+@dataclass(frozen=True)
+class _Kind:
+    name: str
+    detect: Callable[[Path], bool]
+    reader: Callable[[Path], CheckpointReader] | None
+    writer: Callable[..., CheckpointWriter] | None
+    writes: Callable[[Path], bool] | None
+
+
+_KINDS: list[_Kind] = []
+
+
+def register_kind(
+    name: str,
+    *,
+    detect: Callable[[Path], bool],
+    reader: Callable[[Path], CheckpointReader] | None = None,
+    writer: Callable[..., CheckpointWriter] | None = None,
+    writes: Callable[[Path], bool] | None = None,
+) -> None:
+    """Register a checkpoint kind. Kinds registered later are tried first, so an
+    adapter (``.nemo``, SpeechBrain ``CKPT+`` folders) can claim paths before the
+    generic torch reader does. ``writes(path)`` says whether an output path is of
+    this kind."""
+    _KINDS.insert(0, _Kind(name, detect, reader, writer, writes))
+
+
+def _kinds() -> Iterator[_Kind]:
+    import merge_core.checkpoint.formats  # noqa: F401  (registers the built-in kinds)
+
+    yield from _KINDS
+
+
+def open_checkpoint(path: str | Path) -> CheckpointReader:
+    """Open ``path`` with the first registered reader that recognises it."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or folder")
+    for kind in _kinds():
+        if kind.reader is not None and kind.detect(path):
+            return kind.reader(path)
+    raise CheckpointError(f"{path}: not a checkpoint this tool can read ({', '.join(k.name for k in _kinds())})")
+
+
+def create_writer(
+    path: str | Path, specs: Mapping[str, TensorSpec], base: CheckpointReader | None, **options: Any
+) -> CheckpointWriter:
+    """A writer for the output ``path``, chosen by the first kind whose ``writes`` accepts it."""
+    path = Path(path)
+    for kind in _kinds():
+        if kind.writer is not None and kind.writes is not None and kind.writes(path):
+            return kind.writer(path, specs, base, **options)
+    writable = ", ".join(k.name for k in _kinds() if k.writer is not None)
+    raise CheckpointError(f"{path}: no writer for this output (writable kinds: {writable})")
+
+
+def check_order(specs: Sequence[str], position: int, name: str, path: Path) -> None:
+    """Writers stream, so tensors must arrive in the announced order."""
+    if position >= len(specs) or specs[position] != name:
+        expected = specs[position] if position < len(specs) else "nothing more"
+        raise CheckpointError(f"{path}: tensor {name!r} written out of order (expected {expected!r})")

@@ -1,0 +1,142 @@
+"""torch ``.pt``/``.bin``/``.ckpt`` state dicts and Lightning checkpoints (``state_dict`` entry).
+
+Always loaded with ``weights_only=True`` and, for zip-format files, ``mmap=True``,
+so tensors are views of the file until a method reads them.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import re
+import warnings
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from safetensors import safe_open
+
+from merge_core.checkpoint.atomic import discard, publish, temp_path
+from merge_core.checkpoint.base import CheckpointReader, CheckpointWriter, TensorSpec
+from merge_core.checkpoint.safetensors_io import SafetensorsWriter
+from merge_core.errors import CheckpointError
+
+TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+LIGHTNING_PROVENANCE_KEY = "asr_merge_provenance"
+# Lightning entries that describe the base's training run, meaningless for a merge
+_TRAINING_STATE = ("optimizer_states", "lr_schedulers", "loops", "callbacks")
+
+
+def load_weights_only(path: Path) -> Any:
+    """``torch.load(path, weights_only=True)``, memory-mapped when the format allows,
+    with errors that name the file."""
+    try:
+        try:
+            return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        except RuntimeError as e:
+            if "mmap can only be used" not in str(e):
+                raise
+        # legacy (pre-zip) serialization: cannot be memory-mapped, read it whole
+        warnings.warn(f"{path}: legacy torch serialization, loading it into memory", stacklevel=2)
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        what = f"it holds a {found.group(1)} object" if found else str(e).splitlines()[0]
+        raise CheckpointError(
+            f"{path}: not a weights-only checkpoint ({what}); refusing to unpickle arbitrary objects. "
+            "Re-save its tensors as a state dict or .safetensors."
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: unreadable or corrupt torch checkpoint ({str(e).splitlines()[0]})") from None
+
+
+def _state_dict_of(obj: Any, path: Path) -> tuple[dict[str, torch.Tensor], bool]:
+    """The tensor mapping inside a loaded checkpoint, and whether it came from a
+    Lightning ``state_dict`` entry."""
+    lightning = isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping)
+    state = obj["state_dict"] if lightning else obj
+    if not isinstance(state, Mapping) or not state:
+        raise CheckpointError(f"{path}: holds no state dict (expected a mapping of tensor names to tensors)")
+    for name, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            where = "state_dict entry" if lightning else "entry"
+            raise CheckpointError(f"{path}: {where} {name!r} is a {type(value).__name__}, not a tensor")
+    return dict(state), lightning
+
+
+class TorchReader(CheckpointReader):
+    kind = "torch"
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.container = load_weights_only(self.path)
+        self._state, self.lightning = _state_dict_of(self.container, self.path)
+        if self.lightning:
+            self.kind = "lightning"
+
+    def keys(self) -> list[str]:
+        return list(self._state)
+
+    def spec(self, name: str) -> TensorSpec:
+        t = self._state[name]
+        return TensorSpec(tuple(t.shape), t.dtype)
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._state[name]
+
+    def close(self) -> None:
+        self._state = {}
+        self.container = None
+
+
+class TorchWriter(CheckpointWriter):
+    """Streams tensors into a hidden safetensors file, then saves them with
+    ``torch.save`` from its memory map, so the merged model is never held in
+    private memory. A Lightning base yields a Lightning checkpoint (its training
+    state dropped, provenance under ``asr_merge_provenance``); otherwise a plain
+    state dict with a ``<output>.provenance.json`` beside it."""
+
+    def __init__(self, path: Path, specs: Mapping[str, TensorSpec], base: CheckpointReader | None, **options: Any) -> None:
+        super().__init__(path, specs, base)
+        if options.get("shard_size"):
+            raise CheckpointError(f"{path}: shard_size applies to safetensors output folders, not torch files")
+        self._staging = SafetensorsWriter(temp_path(self.path, ".safetensors"), specs, base)
+        self._tmp = temp_path(self.path)
+        self._sidecar = self.path.with_name(self.path.name + ".provenance.json")
+        self._sidecar_tmp = temp_path(self._sidecar)
+
+    @property
+    def order(self) -> list[str]:
+        return self._staging.order
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        self._staging.write(name, tensor)
+
+    def commit(self, provenance: Mapping[str, Any]) -> list[Path]:
+        self._staging.commit({})
+        staged = self._staging.path
+        try:
+            with safe_open(str(staged), framework="pt") as f:
+                state = {name: f.get_tensor(name) for name in self.specs}
+            lightning = isinstance(self.base, TorchReader) and self.base.lightning
+            if lightning:
+                obj = {k: v for k, v in self.base.container.items() if k not in _TRAINING_STATE}
+                obj["state_dict"] = state
+                obj[LIGHTNING_PROVENANCE_KEY] = json.dumps(provenance, sort_keys=True)
+            else:
+                obj = state
+                self._sidecar_tmp.write_text(json.dumps(provenance, indent=2, sort_keys=True))
+            torch.save(obj, self._tmp)
+        finally:
+            discard(staged)
+        publish(self._tmp, self.path)
+        if lightning:
+            return [self.path]
+        publish(self._sidecar_tmp, self._sidecar)
+        return [self.path, self._sidecar]
+
+    def abort(self) -> None:
+        self._staging.abort()
+        discard(self._staging.path)
+        discard(self._tmp)
+        discard(self._sidecar_tmp)

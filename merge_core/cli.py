@@ -1,0 +1,68 @@
+"""``asr-merge``: the command line over the core (adapters add their kinds on import)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Sequence
+
+from merge_core.engine import merge
+from merge_core.errors import MergeError
+from merge_core.recipe import load_recipe
+from merge_core.registry import available_methods, get_method
+
+# Imported when present so `asr-merge merge` reads their checkpoint kinds too.
+_ADAPTERS = ("nemo_merge", "speechbrain_merge")
+
+
+def _load_adapters() -> None:
+    for module in _ADAPTERS:
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            pass
+
+
+def _cmd_merge(args: argparse.Namespace) -> int:
+    recipe = load_recipe(args.recipe, args.overrides)
+    result = merge(recipe, progress=not args.quiet)
+    print(
+        f"wrote {result.output} ({result.merged} tensors merged by {recipe.method}, "
+        f"{result.copied} copied) in {result.seconds:.1f} s"
+    )
+    return 0
+
+
+def _cmd_methods(args: argparse.Namespace) -> int:
+    for name in available_methods():
+        defaults = ", ".join(f"{k}={v}" for k, v in get_method(name).defaults.items()) or "-"
+        print(f"{name:16s} {defaults}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="asr-merge", description="Merge ASR checkpoints without forgetting.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("merge", help="run a merge recipe", description="Run a merge recipe (YAML).")
+    p.add_argument("recipe", help="recipe YAML file")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. parameters.density=0.3 models.0.weight=2")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=_cmd_merge)
+    p = sub.add_parser("methods", help="list merge methods and their default parameters")
+    p.set_defaults(run=_cmd_methods)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _load_adapters()
+    try:
+        return args.run(args)
+    except MergeError as e:
+        print(f"asr-merge: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,268 @@
+"""The streaming merge engine: one tensor name at a time, in bounded memory.
+
+For each name the engine reads that tensor from the base and every expert (memory
+maps, so untouched bytes never become private memory), checks it, hands it to the
+method in float32 (float64 for float64 inputs), casts the result back to the base's
+dtype and passes it to the writer, which appends it to a temporary file. Peak private
+memory is therefore a few times the largest tensor, whatever the number of experts.
+A model-wide ``trim_scope`` adds one read-only pass before the merge.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+from tqdm.auto import tqdm
+
+from merge_core.checkpoint import CheckpointReader, TensorSpec, create_writer, open_checkpoint
+from merge_core.errors import NonFiniteError, TensorMismatchError
+from merge_core.provenance import hash_in_background, provenance_record
+from merge_core.recipe import Recipe
+from merge_core.registry import TensorInputs
+from merge_core.sparsify import ModelMagnitudeTrim, magnitude_trim
+
+MERGE, NON_FLOAT, EXCLUDED = "merge", "non_float", "excluded"
+_LISTED = 5
+
+
+@dataclass
+class Inputs:
+    """Open readers for the recipe's base and experts; ``template`` decides output
+    names, shapes and dtypes (the base, or the first model when there is none)."""
+
+    base: CheckpointReader | None
+    models: list[CheckpointReader]
+
+    @property
+    def template(self) -> CheckpointReader:
+        return self.base if self.base is not None else self.models[0]
+
+    def all(self) -> list[CheckpointReader]:
+        return ([self.base] if self.base is not None else []) + self.models
+
+
+@contextlib.contextmanager
+def open_inputs(recipe: Recipe) -> Iterator[Inputs]:
+    """Open every input checkpoint of ``recipe`` and check they are compatible."""
+    with contextlib.ExitStack() as stack:
+        base = stack.enter_context(open_checkpoint(recipe.base_model)) if recipe.base_model else None
+        models = [stack.enter_context(open_checkpoint(m.model)) for m in recipe.models]
+        inputs = Inputs(base, models)
+        check_compatible(inputs.template, [r for r in inputs.all() if r is not inputs.template])
+        yield inputs
+
+
+def _first(names: list[str]) -> str:
+    more = f", ... ({len(names)} in all)" if len(names) > _LISTED else ""
+    return ", ".join(repr(n) for n in names[:_LISTED]) + more
+
+
+def check_compatible(template: CheckpointReader, others: list[CheckpointReader]) -> None:
+    """Same key set, shapes and dtype kinds (floating vs integer/bool) as the template."""
+    keys = template.keys()
+    key_set = set(keys)
+    for reader in others:
+        theirs = set(reader.keys())
+        missing = [k for k in keys if k not in theirs]
+        extra = [k for k in reader.keys() if k not in key_set]
+        if missing or extra:
+            parts = ([f"missing {_first(missing)}"] if missing else []) + ([f"extra {_first(extra)}"] if extra else [])
+            raise TensorMismatchError(f"{reader.path}: tensor names differ from {template.path}: {'; '.join(parts)}")
+        for name in keys:
+            a, b = template.spec(name), reader.spec(name)
+            if a.shape != b.shape:
+                raise TensorMismatchError(
+                    f"{reader.path}: tensor {name!r} has shape {b.shape}, {template.path} has {a.shape}"
+                )
+            if a.dtype.is_floating_point != b.dtype.is_floating_point:
+                raise TensorMismatchError(
+                    f"{reader.path}: tensor {name!r} is {b.dtype}, {template.path} has {a.dtype} (a different kind)"
+                )
+
+
+def plan_actions(recipe: Recipe, template: CheckpointReader) -> dict[str, str]:
+    """For each tensor name: merged, or copied from the template because it is not
+    floating point (integer/bool buffers are never averaged) or not selected."""
+    actions = {}
+    for name in template.keys():
+        if not template.spec(name).dtype.is_floating_point:
+            actions[name] = NON_FLOAT
+        elif recipe.selects(name):
+            actions[name] = MERGE
+        else:
+            actions[name] = EXCLUDED
+    return actions
+
+
+def _compute_dtype(tensors: list[torch.Tensor]) -> torch.dtype:
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _check_finite(tensor: torch.Tensor, reader: CheckpointReader, name: str) -> None:
+    # a sum is one cheap pass and is non-finite whenever an entry is; only then
+    # pay for the exact check (a sum of large finite values can overflow)
+    if torch.isfinite(tensor.sum(dtype=torch.float64)) or torch.isfinite(tensor).all():
+        return
+    bad = int((~torch.isfinite(tensor)).sum())
+    raise NonFiniteError(
+        f"{reader.path}: tensor {name!r} holds {bad} NaN/Inf value(s); set allow_nonfinite: true to merge anyway"
+    )
+
+
+@dataclass
+class TensorMerger:
+    """Merges one tensor name from open inputs following a recipe."""
+
+    recipe: Recipe
+    inputs: Inputs
+    model_trim: ModelMagnitudeTrim | None = None
+    _method: Any = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._method = self.recipe.merge_method
+
+    def _read(self, name: str) -> tuple[torch.Tensor | None, list[torch.Tensor], torch.dtype]:
+        base = self.inputs.base.get(name) if self.inputs.base is not None else None
+        models = [r.get(name) for r in self.inputs.models]
+        if not self.recipe.allow_nonfinite:
+            for reader, tensor in zip(self.inputs.all(), ([base] if base is not None else []) + models):
+                _check_finite(tensor, reader, name)
+        dtype = _compute_dtype(([base] if base is not None else []) + models)
+        base = base.to(dtype) if base is not None else None
+        return base, [m.to(dtype) for m in models], dtype
+
+    def task_vectors(self, name: str) -> list[torch.Tensor]:
+        base, models, _ = self._read(name)
+        return [m - base for m in models]
+
+    def _trim(self, name: str) -> Callable[[torch.Tensor, int, float], torch.Tensor]:
+        if self.model_trim is None:
+            return lambda tau, i, density: magnitude_trim(tau, density)
+        return lambda tau, i, density: self.model_trim.apply((i, density), tau)
+
+    def merge(self, name: str) -> torch.Tensor:
+        base, models, dtype = self._read(name)
+        weights = [m.weight for m in self.recipe.models]
+        if self.recipe.include_base:
+            models = [base, *models]
+            weights = [self.recipe.base_weight, *weights]
+        inputs = TensorInputs(
+            name=name,
+            base=base,
+            models=models,
+            weights=torch.tensor(weights, dtype=torch.float64),
+            trim=self._trim(name),
+        )
+        merged = self._method.fn(inputs, self.recipe.parameters_for(name))
+        return merged.to(self.inputs.template.spec(name).dtype)
+
+
+def _uses_model_trim(recipe: Recipe) -> bool:
+    return recipe.merge_method.trims and recipe.parameters_for("").get("trim_scope") == "model"
+
+
+def build_model_trim(merger: TensorMerger, names: list[str], progress: bool) -> ModelMagnitudeTrim:
+    """Pass 1 of model-wide trimming: histogram every task vector's magnitudes."""
+    trim = ModelMagnitudeTrim()
+    for name in tqdm(names, desc="trim threshold", unit="tensor", disable=not progress):
+        density = merger.recipe.parameters_for(name)["density"]
+        for i, tau in enumerate(merger.task_vectors(name)):
+            trim.observe((i, density), tau, density)
+    trim.finalize()
+    return trim
+
+
+def iter_merged(
+    recipe: Recipe, inputs: Inputs, order: list[str], *, progress: bool = True
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(name, tensor)`` for every output tensor in ``order``: merged ones
+    computed, the rest passed through from the template. Nothing is written, so
+    callers can merge in memory (greedy soups) or stream to a writer."""
+    actions = plan_actions(recipe, inputs.template)
+    merger = TensorMerger(recipe, inputs)
+    if _uses_model_trim(recipe):
+        merger.model_trim = build_model_trim(merger, [n for n in order if actions[n] == MERGE], progress)
+    for name in tqdm(order, desc=recipe.method, unit="tensor", disable=not progress):
+        yield name, merger.merge(name) if actions[name] == MERGE else inputs.template.get(name)
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    """What :func:`merge` wrote and how long it took."""
+
+    output: Path
+    files: list[Path]
+    merged: int
+    copied: int
+    seconds: float
+    provenance: dict[str, Any]
+
+
+def _input_records(recipe: Recipe, inputs: Inputs, digests: dict[Path, str]) -> list[dict[str, Any]]:
+    records = []
+    roles = ([("base", recipe.base_weight if recipe.include_base else None)] if inputs.base is not None else []) + [
+        ("model", m.weight) for m in recipe.models
+    ]
+    for (role, weight), reader in zip(roles, inputs.all()):
+        files = [{"path": str(f), "bytes": f.stat().st_size, "sha256": digests.get(f, "")} for f in reader.files()]
+        record = {"role": role, "path": str(reader.path), "kind": reader.kind, "files": files}
+        if weight is not None:
+            record["weight"] = weight
+        records.append(record)
+    return records
+
+
+def _tensor_record(recipe: Recipe, inputs: Inputs, actions: dict[str, str]) -> dict[str, Any]:
+    return {
+        "merged": sum(a == MERGE for a in actions.values()),
+        "copied_from": str(inputs.template.path),
+        "copied_non_float": sorted(n for n, a in actions.items() if a == NON_FLOAT),
+        "copied_excluded": sorted(n for n, a in actions.items() if a == EXCLUDED),
+        "note": "integer and bool tensors are never averaged: they are copied unchanged",
+    }
+
+
+def merge(recipe: Recipe, *, progress: bool = True) -> MergeResult:
+    """Run ``recipe``: stream the merge into a temporary output, then publish it
+    atomically with its provenance. On any error nothing is left at ``output``."""
+    start = time.perf_counter()
+    output = Path(recipe.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with open_inputs(recipe) as inputs:
+        template = inputs.template
+        actions = plan_actions(recipe, template)
+        pool, pending = hash_in_background(f for r in inputs.all() for f in r.files())
+        try:
+            tensors = _tensor_record(recipe, inputs, actions)
+            placeholder = provenance_record(
+                recipe.to_dict(), _input_records(recipe, inputs, {p: "0" * 64 for p in pending}), tensors
+            )
+            specs: dict[str, TensorSpec] = {name: template.spec(name) for name in template.keys()}
+            with create_writer(
+                output,
+                specs,
+                template,
+                shard_size=recipe.shard_size,
+                provenance_reserve=len(json.dumps(placeholder)) + 1024,
+            ) as writer:
+                for name, tensor in iter_merged(recipe, inputs, writer.order, progress=progress):
+                    writer.write(name, tensor)
+                digests = {path: future.result() for path, future in pending.items()}
+                record = provenance_record(recipe.to_dict(), _input_records(recipe, inputs, digests), tensors)
+                files = writer.commit(record)
+        finally:
+            pool.shutdown(cancel_futures=True)
+    return MergeResult(
+        output=output,
+        files=files,
+        merged=tensors["merged"],
+        copied=len(actions) - tensors["merged"],
+        seconds=time.perf_counter() - start,
+        provenance=record,
+    )

@@ -1,0 +1,21 @@
+"""Errors raised for bad input. Each message names the file, tensor or recipe key at fault."""
+
+
+class MergeError(Exception):
+    """Base class: anything the user can fix in their inputs or recipe."""
+
+
+class RecipeError(MergeError):
+    """The recipe is malformed: unknown key, bad value, wrong model count."""
+
+
+class CheckpointError(MergeError):
+    """A checkpoint file is missing, unreadable, corrupt or not weights-only."""
+
+
+class TensorMismatchError(MergeError):
+    """Checkpoints disagree on key sets, shapes or dtype kinds."""
+
+
+class NonFiniteError(MergeError):
+    """An input tensor holds NaN or Inf and ``allow_nonfinite`` is off."""
