@@ -15,6 +15,7 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(BIN)/asr-merge merge configs/recipes/example_average.yaml
+	$(BIN)/asr-merge merge configs/recipes/example_ties.yaml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

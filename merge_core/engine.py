@@ -126,12 +126,16 @@ class TensorMerger:
 
     def __post_init__(self) -> None:
         self._method = self.recipe.merge_method
+        # average/extreme/slerp without include_base never look at the base's values
+        self._reads_base = self.inputs.base is not None and (self._method.needs_base or self.recipe.include_base)
 
     def _read(self, name: str) -> tuple[torch.Tensor | None, list[torch.Tensor], torch.dtype]:
-        base = self.inputs.base.get(name) if self.inputs.base is not None else None
+        base = self.inputs.base.get(name) if self._reads_base else None
         models = [r.get(name) for r in self.inputs.models]
         if not self.recipe.allow_nonfinite:
-            for reader, tensor in zip(self.inputs.all(), ([base] if base is not None else []) + models):
+            if base is not None:
+                _check_finite(base, self.inputs.base, name)
+            for reader, tensor in zip(self.inputs.models, models):
                 _check_finite(tensor, reader, name)
         dtype = _compute_dtype(([base] if base is not None else []) + models)
         base = base.to(dtype) if base is not None else None

@@ -135,12 +135,12 @@ class ModelMagnitudeTrim:
         self._cuts: dict[Hashable, _Threshold] | None = None
 
     def observe(self, key: Hashable, tau: torch.Tensor, density: float) -> None:
-        counts = torch.bincount(_magnitude_bins(tau), minlength=_NUM_BINS)
-        if key in self._counts:
-            self._counts[key] += counts
-        else:
-            self._counts[key] = counts
+        if key not in self._counts:
+            self._counts[key] = torch.zeros(_NUM_BINS, dtype=torch.int64)
             self._density[key] = density
+        bins = _magnitude_bins(tau)
+        # index_add_ costs O(numel); bincount(minlength=...) also pays for every bin
+        self._counts[key].index_add_(0, bins, torch.ones(1, dtype=torch.int64).expand(bins.numel()))
 
     def finalize(self) -> None:
         self._cuts = {key: _Threshold(c, self._density[key]) for key, c in self._counts.items()}
