@@ -64,10 +64,12 @@ def _first(names: list[str]) -> str:
 
 
 def check_compatible(template: CheckpointReader, others: list[CheckpointReader]) -> None:
-    """Same key set, shapes and dtype kinds (floating vs integer/bool) as the template."""
+    """Same key set, shapes and dtype kinds (floating vs integer/bool) as the template,
+    and whatever the reader's kind checks besides."""
     keys = template.keys()
     key_set = set(keys)
     for reader in others:
+        reader.check_compatible_with(template)
         theirs = set(reader.keys())
         missing = [k for k in keys if k not in theirs]
         extra = [k for k in reader.keys() if k not in key_set]

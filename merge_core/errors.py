@@ -19,3 +19,12 @@ class TensorMismatchError(MergeError):
 
 class NonFiniteError(MergeError):
     """An input tensor holds NaN or Inf and ``allow_nonfinite`` is off."""
+
+
+class EvaluationError(MergeError):
+    """Bad evaluation input: unknown normalisation key, mismatched hypothesis and
+    reference lists, a model or test set missing from the results."""
+
+
+class ManifestError(EvaluationError):
+    """A manifest is empty, malformed, or names audio that cannot be read."""

@@ -1,4 +1,7 @@
-"""NeMo adapter for asr-merge: ``.nemo`` checkpoint I/O, training callbacks, Hydra scripts.
+"""NeMo adapter for asr-merge: ``.nemo`` checkpoint I/O, forgetting evaluation, Hydra scripts.
 
-Registers its checkpoint kinds with :mod:`merge_core.checkpoint` on import.
+Importing it registers the ``.nemo`` checkpoint kind with :mod:`merge_core.checkpoint`;
+that part needs no NeMo import, so ``asr-merge merge`` on ``.nemo`` files starts fast.
 """
+
+from nemo_merge import nemo_io  # noqa: F401  (registers the .nemo kind)

@@ -53,6 +53,10 @@ class CheckpointReader(abc.ABC):
     def get(self, name: str) -> torch.Tensor:
         """The tensor ``name``; may be backed by a read-only memory map."""
 
+    def check_compatible_with(self, template: "CheckpointReader") -> None:
+        """Kind-specific checks against the template beyond tensor names and shapes
+        (a ``.nemo`` compares model configs); raise TensorMismatchError."""
+
     def files(self) -> list[Path]:
         """The files whose bytes make up this checkpoint (for sizes and hashes)."""
         return [self.path]

@@ -11,7 +11,7 @@ import pickle
 import re
 import warnings
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from safetensors import safe_open
@@ -89,6 +89,16 @@ class TorchReader(CheckpointReader):
         self.container = None
 
 
+def save_staged_state_dict(
+    staged: Path, names: list[str], dest: Path, wrap: Callable[[dict[str, torch.Tensor]], Any] | None = None
+) -> None:
+    """``torch.save`` the tensors of a staged safetensors file, read from its memory
+    map so they never become private memory; ``wrap`` builds the saved object."""
+    with safe_open(str(staged), framework="pt") as f:
+        state = {name: f.get_tensor(name) for name in names}
+        torch.save(wrap(state) if wrap else state, dest)
+
+
 class TorchWriter(CheckpointWriter):
     """Streams tensors into a hidden safetensors file, then saves them with
     ``torch.save`` from its memory map, so the merged model is never held in
@@ -114,21 +124,18 @@ class TorchWriter(CheckpointWriter):
 
     def commit(self, provenance: Mapping[str, Any]) -> list[Path]:
         self._staging.commit({})
-        staged = self._staging.path
+        lightning = isinstance(self.base, TorchReader) and self.base.lightning
+
+        def as_lightning(state: dict[str, torch.Tensor]) -> dict[str, Any]:
+            obj = {k: v for k, v in self.base.container.items() if k not in _TRAINING_STATE}
+            return {**obj, "state_dict": state, LIGHTNING_PROVENANCE_KEY: json.dumps(provenance, sort_keys=True)}
+
         try:
-            with safe_open(str(staged), framework="pt") as f:
-                state = {name: f.get_tensor(name) for name in self.specs}
-            lightning = isinstance(self.base, TorchReader) and self.base.lightning
-            if lightning:
-                obj = {k: v for k, v in self.base.container.items() if k not in _TRAINING_STATE}
-                obj["state_dict"] = state
-                obj[LIGHTNING_PROVENANCE_KEY] = json.dumps(provenance, sort_keys=True)
-            else:
-                obj = state
-                self._sidecar_tmp.write_text(json.dumps(provenance, indent=2, sort_keys=True))
-            torch.save(obj, self._tmp)
+            save_staged_state_dict(self._staging.path, list(self.specs), self._tmp, as_lightning if lightning else None)
         finally:
-            discard(staged)
+            discard(self._staging.path)
+        if not lightning:
+            self._sidecar_tmp.write_text(json.dumps(provenance, indent=2, sort_keys=True))
         publish(self._tmp, self.path)
         if lightning:
             return [self.path]

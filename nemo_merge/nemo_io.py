@@ -1,0 +1,226 @@
+"""``.nemo`` archives as a checkpoint kind of the core's streaming engine.
+
+A ``.nemo`` file is a tar (uncompressed since NeMo 1.7, gzip before) holding
+``model_config.yaml``, ``model_weights.ckpt`` (a torch state dict) and artifacts
+such as the tokenizer. Reading needs no NeMo import and no model instance: every
+member is vetted first (no absolute paths, ``..``, links leaving the archive, device
+files or FIFOs), then only the weights member is copied out to a private temporary
+folder and memory-mapped with ``weights_only=True``. The merged ``.nemo`` is the
+base's archive, member for member, with merged weights and an
+``asr_merge_provenance.json`` added.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import posixpath
+import shutil
+import tarfile
+import tempfile
+import time
+from pathlib import Path, PurePosixPath
+from typing import Any, Mapping
+
+import yaml
+
+from merge_core.checkpoint.atomic import discard, publish, temp_path
+from merge_core.checkpoint.base import CheckpointReader, CheckpointWriter, TensorSpec, register_kind
+from merge_core.checkpoint.safetensors_io import SafetensorsWriter
+from merge_core.checkpoint.torch_io import TorchReader, save_staged_state_dict
+from merge_core.errors import CheckpointError, TensorMismatchError
+
+CONFIG_MEMBER = "model_config.yaml"
+WEIGHTS_MEMBER = "model_weights.ckpt"
+PROVENANCE_MEMBER = "asr_merge_provenance.json"
+# Config sections that define the network; experts may differ elsewhere (optim, data, augmentation)
+ARCHITECTURE_KEYS = ("target", "preprocessor", "encoder", "decoder", "joint")
+
+
+def _bare(name: str) -> str:
+    """Member name without NeMo's leading ``./``."""
+    return posixpath.normpath(name).lstrip("./") if name not in (".", "./") else ""
+
+
+def unsafe_reason(member: tarfile.TarInfo) -> str | None:
+    """Why extracting ``member`` could write outside the destination, or None."""
+    path = PurePosixPath(member.name)
+    if path.is_absolute():
+        return "absolute path"
+    if ".." in path.parts:
+        return "'..' in its path"
+    if member.isdev() or member.isfifo():
+        return "device file or FIFO"
+    if member.issym() or member.islnk():
+        link = PurePosixPath(member.linkname)
+        # symlinks resolve from the member's folder, hard links from the archive root
+        target = posixpath.normpath(posixpath.join(str(path.parent) if member.issym() else "", member.linkname))
+        if link.is_absolute() or target == ".." or target.startswith("../"):
+            return f"link to {member.linkname!r} outside the archive"
+    return None
+
+
+def open_nemo_tar(path: Path) -> tarfile.TarFile:
+    """Open a ``.nemo`` tar (plain or gzip) and refuse it whole if any member is unsafe."""
+    try:
+        tar = tarfile.open(path, "r:*")
+        members = tar.getmembers()
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise CheckpointError(f"{path}: not a .nemo archive (not a readable tar file: {e})") from None
+    for member in members:
+        reason = unsafe_reason(member)
+        if reason:
+            tar.close()
+            raise CheckpointError(f"{path}: refusing unsafe archive member {member.name!r} ({reason})")
+    return tar
+
+
+def _find_member(tar: tarfile.TarFile, name: str, path: Path) -> tarfile.TarInfo:
+    for member in tar.getmembers():
+        if member.isfile() and _bare(member.name) == name:
+            return member
+    nested = [m.name for m in tar.getmembers() if posixpath.basename(m.name) == name]
+    hint = f" (found {nested[0]!r}: model-parallel .nemo files are not supported)" if nested else ""
+    raise CheckpointError(f"{path}: .nemo archive lacks {name}{hint}")
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, Mapping):
+        out: dict[str, Any] = {}
+        for k, v in tree.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: tree}
+
+
+def architecture(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The flattened config keys that define the network (dropout rates excluded:
+    fine-tuning runs may vary them)."""
+    flat = _flatten({k: config[k] for k in ARCHITECTURE_KEYS if k in config})
+    return {k: v for k, v in flat.items() if "dropout" not in k.rsplit(".", 1)[-1]}
+
+
+class NemoReader(CheckpointReader):
+    """A ``.nemo`` archive's weights, memory-mapped from a private temporary copy."""
+
+    kind = "nemo"
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        with open_nemo_tar(self.path) as tar:
+            config_member = _find_member(tar, CONFIG_MEMBER, self.path)
+            self.weights_member = _find_member(tar, WEIGHTS_MEMBER, self.path).name
+            try:
+                self.config: dict[str, Any] = yaml.safe_load(tar.extractfile(config_member)) or {}
+            except yaml.YAMLError as e:
+                raise CheckpointError(f"{self.path}: unreadable {CONFIG_MEMBER} ({e})") from None
+            self._tmp = Path(tempfile.mkdtemp(prefix="asr-merge-nemo-"))
+            weights = self._tmp / WEIGHTS_MEMBER
+            with tar.extractfile(self.weights_member) as src, open(weights, "wb") as dst:
+                shutil.copyfileobj(src, dst, 16 << 20)
+        try:
+            self._weights = TorchReader(weights)
+        except CheckpointError as e:
+            self.close()
+            raise CheckpointError(str(e).replace(str(weights), f"{self.path} (member {WEIGHTS_MEMBER})")) from None
+
+    def keys(self) -> list[str]:
+        return self._weights.keys()
+
+    def spec(self, name: str) -> TensorSpec:
+        return self._weights.spec(name)
+
+    def get(self, name: str) -> Any:
+        return self._weights.get(name)
+
+    def check_compatible_with(self, template: CheckpointReader) -> None:
+        if not isinstance(template, NemoReader):
+            return
+        mine, theirs = architecture(self.config), architecture(template.config)
+        for key in sorted(set(mine) | set(theirs)):
+            if mine.get(key, "<absent>") != theirs.get(key, "<absent>"):
+                raise TensorMismatchError(
+                    f"{self.path}: model config differs from {template.path} at {key!r} "
+                    f"({mine.get(key, '<absent>')!r} vs {theirs.get(key, '<absent>')!r})"
+                )
+
+    def close(self) -> None:
+        if hasattr(self, "_weights"):
+            self._weights.close()
+        discard(self._tmp)
+
+
+class NemoWriter(CheckpointWriter):
+    """The base's archive with merged weights: every other member (config, tokenizer,
+    artifacts) copied byte for byte, plus ``asr_merge_provenance.json``."""
+
+    def __init__(self, path: Path, specs: Mapping[str, TensorSpec], base: CheckpointReader | None, **options: Any) -> None:
+        if not isinstance(base, NemoReader):
+            raise CheckpointError(f"{path}: a .nemo output needs a .nemo base model (its config and tokenizer are copied)")
+        if options.get("shard_size"):
+            raise CheckpointError(f"{path}: shard_size applies to safetensors output folders, not .nemo files")
+        super().__init__(path, specs, base)
+        self._staging = SafetensorsWriter(temp_path(self.path, ".safetensors"), specs, base)
+        self._weights_tmp = temp_path(self.path, ".ckpt")
+        self._tmp = temp_path(self.path)
+
+    @property
+    def order(self) -> list[str]:
+        return self._staging.order
+
+    def write(self, name: str, tensor: Any) -> None:
+        self._staging.write(name, tensor)
+
+    def commit(self, provenance: Mapping[str, Any]) -> list[Path]:
+        self._staging.commit({})
+        try:
+            save_staged_state_dict(self._staging.path, list(self.specs), self._weights_tmp)
+        finally:
+            discard(self._staging.path)
+        try:
+            self._write_archive(json.dumps(provenance, indent=2, sort_keys=True).encode())
+        finally:
+            discard(self._weights_tmp)
+        publish(self._tmp, self.path)
+        return [self.path]
+
+    def _write_archive(self, provenance: bytes) -> None:
+        base: NemoReader = self.base  # type: ignore[assignment]
+        with open_nemo_tar(base.path) as src, tarfile.open(self._tmp, "w:") as dst:
+            for member in src.getmembers():
+                if _bare(member.name) == PROVENANCE_MEMBER:
+                    continue  # the base was itself a merge: its record is replaced
+                if member.name == base.weights_member:
+                    info = dst.gettarinfo(str(self._weights_tmp), arcname=member.name)
+                    info.uid, info.gid, info.uname, info.gname, info.mode = 0, 0, "", "", 0o644
+                    with open(self._weights_tmp, "rb") as f:
+                        dst.addfile(info, f)
+                else:
+                    dst.addfile(member, src.extractfile(member) if member.isfile() else None)
+            prefix = "./" if base.weights_member.startswith("./") else ""
+            info = tarfile.TarInfo(prefix + PROVENANCE_MEMBER)
+            info.size, info.mtime, info.mode = len(provenance), int(time.time()), 0o644
+            dst.addfile(info, io.BytesIO(provenance))
+
+    def abort(self) -> None:
+        self._staging.abort()
+        for p in (self._staging.path, self._weights_tmp, self._tmp):
+            discard(p)
+
+
+def read_nemo_provenance(path: str | Path) -> dict[str, Any] | None:
+    """The provenance record inside a merged ``.nemo``, or None."""
+    with open_nemo_tar(Path(path)) as tar:
+        for member in tar.getmembers():
+            if member.isfile() and _bare(member.name) == PROVENANCE_MEMBER:
+                return json.load(tar.extractfile(member))
+    return None
+
+
+register_kind(
+    "nemo",
+    detect=lambda p: p.is_file() and p.suffix == ".nemo",
+    reader=NemoReader,
+    writer=NemoWriter,
+    writes=lambda p: p.suffix == ".nemo",
+)
