@@ -8,8 +8,8 @@ import sys
 from typing import Sequence
 
 from merge_core.engine import merge
-from merge_core.errors import MergeError
-from merge_core.recipe import load_recipe
+from merge_core.errors import EvaluationError, MergeError
+from merge_core.recipe import load_recipe, load_yaml_config
 from merge_core.registry import available_methods, get_method
 
 # Imported when present so `asr-merge merge` reads their checkpoint kinds too.
@@ -34,6 +34,23 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+# evaluation back ends, imported only when asked for: each pulls in its toolkit
+_EVALUATORS = {"nemo": "nemo_merge.evaluate", "speechbrain": "speechbrain_merge.evaluate"}
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    config = load_yaml_config(args.config, args.overrides, "evaluation config")
+    toolkit = config.get("toolkit", "nemo")
+    if toolkit not in _EVALUATORS:
+        raise EvaluationError(f"{args.config}: toolkit must be one of {sorted(_EVALUATORS)}, got {toolkit!r}")
+    try:
+        module = importlib.import_module(_EVALUATORS[toolkit])
+    except ImportError as e:
+        raise EvaluationError(f"evaluating {toolkit} models needs its extra: pip install 'asr-merge[{toolkit}]' ({e})") from None
+    module.evaluate(config, progress=not args.quiet)
+    return 0
+
+
 def _cmd_methods(args: argparse.Namespace) -> int:
     for name in available_methods():
         defaults = ", ".join(f"{k}={v}" for k, v in get_method(name).defaults.items()) or "-"
@@ -49,6 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. parameters.density=0.3 models.0.weight=2")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=_cmd_merge)
+    p = sub.add_parser("eval", help="evaluate models and forgetting on test manifests", description="Evaluate WER per test set and forgetting (report.json, report.md, report.png).")
+    p.add_argument("config", help="evaluation config YAML (e.g. configs/nemo/eval.yaml)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. models.1.model=merged.nemo")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=_cmd_eval)
     p = sub.add_parser("methods", help="list merge methods and their default parameters")
     p.set_defaults(run=_cmd_methods)
     return parser

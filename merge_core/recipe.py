@@ -321,18 +321,24 @@ def apply_overrides(config: DictConfig, overrides: Sequence[str]) -> DictConfig:
     return config
 
 
-def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
-    """Read a recipe YAML, apply ``key=value`` overrides, validate."""
+def load_yaml_config(path: str | Path, overrides: Sequence[str] = (), what: str = "recipe") -> DictConfig:
+    """Read a YAML mapping (a recipe, an evaluation config) and apply ``key=value`` overrides."""
     path = Path(path)
     if not path.is_file():
-        raise RecipeError(f"recipe file {str(path)!r} not found")
+        raise RecipeError(f"{what} file {str(path)!r} not found")
     try:
         config = OmegaConf.load(path)
     except (OmegaConfBaseException, yaml.YAMLError) as e:
-        raise RecipeError(f"{path}: not a valid YAML recipe: {e}") from None
+        raise RecipeError(f"{path}: not a valid YAML {what}: {e}") from None
     if not isinstance(config, DictConfig):
-        raise RecipeError(f"{path}: a recipe must be a mapping of keys")
+        raise RecipeError(f"{path}: a {what} must be a mapping of keys")
+    return apply_overrides(config, overrides)
+
+
+def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
+    """Read a recipe YAML, apply ``key=value`` overrides, validate."""
+    config = load_yaml_config(path, overrides)
     try:
-        return Recipe.from_mapping(apply_overrides(config, overrides))
+        return Recipe.from_mapping(config)
     except RecipeError as e:
         raise RecipeError(f"{path}: {e}") from None

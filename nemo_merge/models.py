@@ -71,14 +71,23 @@ def load_model_config(config: str | Path | DictConfig, overrides: Sequence[str] 
 
     ``config`` is a training config (``name``/``model``/``trainer``/...; overrides then
     start with ``model.``, as on NeMo's command line) or a bare model config such as a
-    ``.nemo``'s ``model_config.yaml``. Interpolations are resolved first, so the
-    section does not depend on its parent any more.
+    ``.nemo``'s ``model_config.yaml``. Interpolations are resolved after the overrides,
+    so ``model.encoder.d_model=64`` also changes ``decoder.feat_in: ${model.encoder.d_model}``;
+    the section returned no longer depends on its parent.
     """
-    cfg = OmegaConf.load(config) if isinstance(config, (str, Path)) else config.copy()
+    if isinstance(config, (str, Path)):
+        cfg = OmegaConf.load(config)
+    elif config._get_parent() is not None:
+        # a section of a larger config (``full.model``): its interpolations point into the
+        # parent, which overrides cannot reach, so freeze them before detaching it
+        cfg = OmegaConf.create(OmegaConf.to_container(config, resolve=True))
+    else:
+        cfg = config.copy()
     if overrides:
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
     OmegaConf.resolve(cfg)
-    return cfg.model if "model" in cfg else cfg
+    section = cfg.model if "model" in cfg else cfg
+    return OmegaConf.create(OmegaConf.to_container(section))  # detached: no trainer/exp_manager parent
 
 
 def build_model(
@@ -92,8 +101,8 @@ def build_model(
     The class is the config's ``target`` (default ``EncDecCTCModelBPE``); ``tokenizer_dir``
     becomes ``tokenizer.dir``. Dataset manifests still ``???`` are set to ``None``, so
     NeMo skips their data loaders: call ``setup_training_data`` before training.
-    Initialization draws from a generator seeded with ``seed`` without disturbing the
-    caller's global RNG state. Returns an ``nemo.collections.asr.models.ASRModel``.
+    Initialization draws from torch's RNG seeded with ``seed`` inside ``fork_rng``, so
+    the caller's RNG state is left as it was. Returns a ``nemo.collections.asr.models.ASRModel``.
     """
     from nemo.utils.model_utils import import_class_by_path
 

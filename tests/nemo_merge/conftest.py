@@ -71,15 +71,6 @@ def english_sentences(count: int = 400, seed: int = 0) -> list[str]:
     return lines
 
 
-def read_manifest(path: Path) -> list[dict]:
-    """The entries of a NeMo JSONL manifest, ``audio_filepath`` made absolute as NeMo
-    resolves it (relative to the manifest's folder)."""
-    entries = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    for entry in entries:
-        entry["audio_filepath"] = str((path.parent / entry["audio_filepath"]).resolve())
-    return entries
-
-
 @pytest.fixture(scope="session")
 def nemo_audio_manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Path of a NeMo manifest (``manifest.json``, one JSON object a line: ``audio_filepath``,

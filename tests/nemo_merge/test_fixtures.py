@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import json
+import shutil
 import tarfile
 import wave
 from pathlib import Path
@@ -12,8 +14,9 @@ import torch
 import yaml
 
 from merge_core.audio import synthesize
+from merge_core.manifests import read_nemo_manifest
 
-from .conftest import EXPERT_STEPS, TINY_CONFIG, TOKENIZER_VOCAB, UTTERANCES, read_manifest
+from .conftest import EXPERT_STEPS, TINY_CONFIG, TOKENIZER_VOCAB, UTTERANCES
 
 
 def nemo_members(path: Path) -> dict[str, bytes]:
@@ -28,21 +31,21 @@ def nemo_state(path: Path) -> dict[str, torch.Tensor]:
 
 
 def test_audio_is_16k_mono_and_matches_the_manifest(nemo_audio_manifest):
-    entries = read_manifest(nemo_audio_manifest)
-    assert [e["text"] for e in entries] == [text for text, _ in UTTERANCES]
-    raw = [line for line in nemo_audio_manifest.read_text().splitlines() if line]
-    relative = [not Path(yaml.safe_load(line)["audio_filepath"]).is_absolute() for line in raw]
+    utterances = read_nemo_manifest(nemo_audio_manifest)
+    assert [u.text for u in utterances] == [text for text, _ in UTTERANCES]
+    raw = [json.loads(line) for line in nemo_audio_manifest.read_text().splitlines() if line]
+    relative = [not Path(entry["audio_filepath"]).is_absolute() for entry in raw]
     assert relative == [i % 2 == 0 for i in range(len(raw))]
-    for entry in entries:
-        assert entry["text"] == entry["text"].lower()
-        with wave.open(entry["audio_filepath"], "rb") as wav:
+    for u in utterances:
+        assert u.text == u.text.lower()
+        with wave.open(str(u.audio), "rb") as wav:
             assert (wav.getframerate(), wav.getnchannels(), wav.getsampwidth()) == (16000, 1, 2)
-            assert wav.getnframes() / 16000 == pytest.approx(entry["duration"], abs=1e-6)
-        assert 0.5 < entry["duration"] < 5.0
+            assert wav.getnframes() / 16000 == pytest.approx(u.duration, abs=1e-6)
+        assert 0.5 < u.duration < 5.0
 
 
 def test_synthesize_is_deterministic_and_voices_differ(tmp_path):
-    if not __import__("shutil").which("espeak-ng"):
+    if not shutil.which("espeak-ng"):
         pytest.skip("espeak-ng not installed (apt-get install espeak-ng sox)")
     text = "merge the weights of two experts"
     first = synthesize(text, tmp_path / "a.wav")
@@ -107,7 +110,7 @@ def test_base_restores_and_transcribes_the_manifest(tiny_nemo_base, nemo_audio_m
     model = ASRModel.restore_from(str(tiny_nemo_base), map_location="cpu")
     assert isinstance(model, EncDecCTCModelBPE)
     assert model.cfg.encoder.d_model == 96 and model.cfg.encoder.subsampling_factor == 8
-    files = [e["audio_filepath"] for e in read_manifest(nemo_audio_manifest)]
+    files = [str(u.audio) for u in read_nemo_manifest(nemo_audio_manifest)]
     hyps = model.transcribe(files, batch_size=4, num_workers=0, verbose=False)
     # NeMo 3.0: a list of Hypothesis, one per file, in order; the text is in .text
     assert len(hyps) == len(files)

@@ -1,0 +1,183 @@
+"""The forgetting evaluation, toolkit-free: config, cache, scoring and report.
+
+A toolkit adapter supplies a :class:`Backend` (how to read its manifests, identify
+a model's weights, and transcribe with the model's own inference path); this module
+does the rest the same way for both toolkits. The config (YAML or Hydra):
+
+.. code-block:: yaml
+
+    models:                                  # rows of the report, in order
+      - {name: generalist, model: generalist.nemo}
+      - {name: aode, model: merged.nemo}
+      - {name: parakeet, pretrained_name: nvidia/parakeet-ctc-1.1b}
+    reference_model: generalist              # default: the first model
+    manifests: {test_clean: ls/test_clean.json, test_other: ls/test_other.json, noise: noise/test.json}
+    forgetting_sets: [test_clean, test_other]
+    normalization: {lowercase: true, strip_punctuation: true, english: false}
+    batch_size: 16
+    max_utterances: null                     # evaluate the first N of each set (dev subsets)
+    output_dir: outputs/eval                 # report.json, report.md, report.png
+    cache: true                              # reuse transcripts by (weights, manifest, decoding)
+    cache_dir: null                          # default ~/.cache/asr-merge/eval
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from merge_core.errors import EvaluationError
+from merge_core.evaluation.cache import EvalCache, manifest_digest
+from merge_core.evaluation.report import DEFAULT_FORGETTING_SETS, build_report, render_markdown, write_report
+from merge_core.evaluation.text import TextNormalization
+from merge_core.evaluation.wer import WerStats, score
+from merge_core.manifests import Utterance, check_audio
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model to evaluate: a local checkpoint (``model``) or a toolkit hub name."""
+
+    name: str
+    model: str | None = None
+    pretrained_name: str | None = None
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    models: tuple[ModelSpec, ...]
+    manifests: Mapping[str, str]
+    reference_model: str
+    forgetting_sets: tuple[str, ...] = DEFAULT_FORGETTING_SETS
+    normalization: TextNormalization = field(default_factory=TextNormalization)
+    batch_size: int = 16
+    num_workers: int = 0
+    max_utterances: int | None = None
+    device: str = "auto"
+    decoding: Mapping[str, Any] | None = None
+    output_dir: str = "outputs/eval"
+    cache: bool = True
+    cache_dir: str | None = None
+    toolkit: str = "nemo"
+
+    @classmethod
+    def from_mapping(cls, raw: Mapping[str, Any] | DictConfig) -> "EvalConfig":
+        if isinstance(raw, DictConfig):
+            raw = OmegaConf.to_container(raw, resolve=True)
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise EvaluationError(f"unknown evaluation key(s) {unknown}; known keys: {sorted(known)}")
+        models = tuple(_model_spec(i, m) for i, m in enumerate(raw.get("models") or []))
+        if not models:
+            raise EvaluationError("evaluation key 'models' must list at least one model")
+        names = [m.name for m in models]
+        if len(set(names)) != len(names):
+            raise EvaluationError(f"model names must be unique, got {names}")
+        manifests = dict(raw.get("manifests") or {})
+        if not manifests:
+            raise EvaluationError("evaluation key 'manifests' must name at least one test set")
+        forgetting = tuple(raw.get("forgetting_sets") or DEFAULT_FORGETTING_SETS)
+        absent = [s for s in forgetting if s not in manifests]
+        if absent:
+            raise EvaluationError(f"forgetting set(s) {absent} have no entry in 'manifests' ({sorted(manifests)})")
+        reference = raw.get("reference_model") or names[0]
+        if reference not in names:
+            raise EvaluationError(f"reference_model {reference!r} is not one of the models {names}")
+        options = {k: raw[k] for k in ("batch_size", "num_workers", "max_utterances", "device", "decoding", "output_dir", "cache", "cache_dir", "toolkit") if raw.get(k) is not None}
+        return cls(
+            models=models,
+            manifests=manifests,
+            reference_model=reference,
+            forgetting_sets=forgetting,
+            normalization=TextNormalization.from_mapping(raw.get("normalization")),
+            **options,
+        )
+
+
+def _model_spec(i: int, raw: Any) -> ModelSpec:
+    if isinstance(raw, str):
+        raw = {"model": raw}
+    if not isinstance(raw, Mapping) or bool(raw.get("model")) == bool(raw.get("pretrained_name")):
+        raise EvaluationError(f"models[{i}] needs exactly one of 'model' (a path) or 'pretrained_name', got {raw!r}")
+    extra = sorted(set(raw) - {"name", "model", "pretrained_name"})
+    if extra:
+        raise EvaluationError(f"models[{i}] has unknown key(s) {extra}")
+    source = raw.get("model") or raw["pretrained_name"]
+    name = raw.get("name") or Path(str(source)).stem
+    return ModelSpec(name=str(name), model=raw.get("model"), pretrained_name=raw.get("pretrained_name"))
+
+
+class Backend(abc.ABC):
+    """What a toolkit adapter provides to the evaluation."""
+
+    toolkit: str
+
+    @abc.abstractmethod
+    def read_manifest(self, path: Path) -> list[Utterance]:
+        """The toolkit's own manifest format, resolved to absolute audio paths."""
+
+    @abc.abstractmethod
+    def weights_digest(self, spec: ModelSpec) -> str:
+        """A string that changes whenever the model's weights or config do."""
+
+    @abc.abstractmethod
+    def decoding_settings(self, config: EvalConfig) -> dict[str, Any]:
+        """Everything besides weights and audio that changes the transcripts."""
+
+    @abc.abstractmethod
+    def transcribe(self, spec: ModelSpec, utterances: list[Utterance], config: EvalConfig) -> list[str]:
+        """One hypothesis per utterance, through the model's own inference path."""
+
+    def release(self, spec: ModelSpec) -> None:
+        """Free the model once every set is transcribed."""
+
+
+def load_sets(backend: Backend, config: EvalConfig) -> dict[str, list[Utterance]]:
+    """Read and check every manifest before any model is loaded, so bad input fails fast."""
+    sets = {}
+    for name, path in config.manifests.items():
+        utterances = backend.read_manifest(Path(path))
+        if config.max_utterances is not None:
+            utterances = utterances[: config.max_utterances]
+        check_audio(utterances, path)
+        sets[name] = utterances
+    return sets
+
+
+def evaluate_models(backend: Backend, config: EvalConfig, progress: bool = True) -> dict[str, Any]:
+    """Transcribe every (model, set) pair not already cached, score it, and build the report."""
+    sets = load_sets(backend, config)
+    cache = EvalCache(config.cache_dir) if config.cache else None
+    decoding = {**backend.decoding_settings(config), "max_utterances": config.max_utterances}
+    digests = {name: manifest_digest(path) for name, path in config.manifests.items()}
+    results: dict[str, dict[str, WerStats]] = {}
+    pairs = tqdm(total=len(config.models) * len(sets), desc="evaluate", unit="set", disable=not progress)
+    for spec in config.models:
+        weights = backend.weights_digest(spec)
+        results[spec.name] = {}
+        for set_name, utterances in sets.items():
+            key = (weights, digests[set_name], decoding)
+            cached = cache.get(key) if cache else None
+            hypotheses = cached["hypotheses"] if cached else backend.transcribe(spec, utterances, config)
+            if cache and not cached:
+                cache.put(key, {"hypotheses": hypotheses, "model": spec.name, "set": set_name})
+            references = [u.text for u in utterances]
+            results[spec.name][set_name] = score(references, hypotheses, config.normalization, name=set_name)
+            pairs.update()
+        backend.release(spec)
+    pairs.close()
+    return build_report(results, config.reference_model, config.forgetting_sets)
+
+
+def run_evaluation(backend: Backend, config: EvalConfig, progress: bool = True) -> tuple[dict[str, Any], dict[str, Path]]:
+    """Evaluate, write report.json / report.md / report.png, print the table."""
+    report = evaluate_models(backend, config, progress)
+    files = write_report(report, config.output_dir)
+    print(render_markdown(report))
+    return report, files
