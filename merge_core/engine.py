@@ -109,7 +109,8 @@ def _compute_dtype(tensors: list[torch.Tensor]) -> torch.dtype:
 def _check_finite(tensor: torch.Tensor, reader: CheckpointReader, name: str) -> None:
     # a sum is one cheap pass and is non-finite whenever an entry is; only then
     # pay for the exact check (a sum of large finite values can overflow)
-    if torch.isfinite(tensor.sum(dtype=torch.float64)) or torch.isfinite(tensor).all():
+    accumulate = torch.float64 if tensor.dtype == torch.float64 else torch.float32
+    if torch.isfinite(tensor.sum(dtype=accumulate)) or torch.isfinite(tensor).all():
         return
     bad = int((~torch.isfinite(tensor)).sum())
     raise NonFiniteError(
@@ -125,6 +126,7 @@ class TensorMerger:
     inputs: Inputs
     model_trim: ModelMagnitudeTrim | None = None
     _method: Any = field(init=False)
+    _checked: set[str] = field(init=False, default_factory=set)
 
     def __post_init__(self) -> None:
         self._method = self.recipe.merge_method
@@ -134,7 +136,8 @@ class TensorMerger:
     def _read(self, name: str) -> tuple[torch.Tensor | None, list[torch.Tensor], torch.dtype]:
         base = self.inputs.base.get(name) if self._reads_base else None
         models = [r.get(name) for r in self.inputs.models]
-        if not self.recipe.allow_nonfinite:
+        if not self.recipe.allow_nonfinite and name not in self._checked:
+            self._checked.add(name)  # model-wide trimming reads every tensor twice
             if base is not None:
                 _check_finite(base, self.inputs.base, name)
             for reader, tensor in zip(self.inputs.models, models):
@@ -143,9 +146,10 @@ class TensorMerger:
         base = base.to(dtype) if base is not None else None
         return base, [m.to(dtype) for m in models], dtype
 
-    def task_vectors(self, name: str) -> list[torch.Tensor]:
+    def task_vectors(self, name: str) -> Iterator[torch.Tensor]:
+        """tau_i = theta_i - theta_0 of one tensor name, one expert at a time."""
         base, models, _ = self._read(name)
-        return [m - base for m in models]
+        return (m - base for m in models)
 
     def _trim(self, name: str) -> Callable[[torch.Tensor, int, float], torch.Tensor]:
         if self.model_trim is None:
@@ -216,7 +220,7 @@ def _input_records(recipe: Recipe, inputs: Inputs, digests: dict[Path, str]) -> 
         ("model", m.weight) for m in recipe.models
     ]
     for (role, weight), reader in zip(roles, inputs.all()):
-        files = [{"path": str(f), "bytes": f.stat().st_size, "sha256": digests.get(f, "")} for f in reader.files()]
+        files = [{"path": str(f), "bytes": f.stat().st_size, "sha256": digests.get(f)} for f in reader.files()]
         record = {"role": role, "path": str(reader.path), "kind": reader.kind, "files": files}
         if weight is not None:
             record["weight"] = weight
@@ -243,7 +247,8 @@ def merge(recipe: Recipe, *, progress: bool = True) -> MergeResult:
     with open_inputs(recipe) as inputs:
         template = inputs.template
         actions = plan_actions(recipe, template)
-        pool, pending = hash_in_background(f for r in inputs.all() for f in r.files())
+        hashed = [f for r in inputs.all() for f in r.files()] if recipe.hash_inputs else []
+        pool, pending = hash_in_background(hashed)
         try:
             tensors = _tensor_record(recipe, inputs, actions)
             placeholder = provenance_record(

@@ -111,6 +111,7 @@ class Recipe:
     overrides: tuple[Override, ...] = ()
     allow_nonfinite: bool = False
     shard_size: int | None = None
+    hash_inputs: bool = True
 
     @property
     def merge_method(self) -> MergeMethod:
@@ -146,6 +147,7 @@ class Recipe:
             "output": self.output,
             "allow_nonfinite": self.allow_nonfinite,
             "shard_size": self.shard_size,
+            "hash_inputs": self.hash_inputs,
         }
 
     @classmethod
@@ -176,6 +178,7 @@ class Recipe:
             overrides=_overrides(method, raw.get("overrides") or []),
             allow_nonfinite=_flag(raw, "allow_nonfinite"),
             shard_size=_size(raw.get("shard_size")),
+            hash_inputs=_flag(raw, "hash_inputs", default=True),
         )
         _check_against_method(recipe, method)
         return recipe
@@ -194,11 +197,12 @@ _RECIPE_KEYS = {
     "output",
     "allow_nonfinite",
     "shard_size",
+    "hash_inputs",
 }
 
 
-def _flag(raw: Mapping[str, Any], key: str) -> bool:
-    value = raw.get(key, False)
+def _flag(raw: Mapping[str, Any], key: str, default: bool = False) -> bool:
+    value = raw.get(key, default)
     if not isinstance(value, bool):
         raise RecipeError(f"recipe key {key!r} must be true or false, got {value!r}")
     return value

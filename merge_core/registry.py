@@ -21,7 +21,8 @@ class TensorInputs:
 
     ``models`` are the experts theta_1..n (preceded by the base when the recipe
     sets ``include_base``), ``weights`` their weights w_i as float64, ``base`` is
-    theta_0 (None when the recipe has no base model).
+    theta_0 (None when the recipe has no base model). Inputs may be read-only memory
+    maps: methods must never modify them in place.
     """
 
     name: str
@@ -29,10 +30,6 @@ class TensorInputs:
     models: Sequence[torch.Tensor]
     weights: torch.Tensor
     trim: Callable[[torch.Tensor, int, float], torch.Tensor] | None = None
-
-    def task_vectors(self) -> list[torch.Tensor]:
-        """tau_i = theta_i - theta_0, one fresh tensor per expert."""
-        return [m - self.base for m in self.models]
 
 
 MergeFn = Callable[[TensorInputs, Mapping[str, Any]], torch.Tensor]

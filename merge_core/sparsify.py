@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 from typing import Hashable, Sequence
 
+import numpy as np
 import torch
 
 # |x| as float32 bits shifted right by 12: 8 exponent + 11 mantissa bits, so bins
@@ -33,13 +34,16 @@ def magnitude_trim(tau: torch.Tensor, density: float) -> torch.Tensor:
 
     Exactly k entries survive, ties in magnitude included.
     """
-    k = kept_count(tau.numel(), density)
-    if k >= tau.numel():
+    numel = tau.numel()
+    k = kept_count(numel, density)
+    if k >= numel:
         return tau
     flat = tau.reshape(-1)
-    keep = torch.zeros(flat.shape, dtype=torch.bool)
-    keep[flat.abs().topk(k, sorted=False).indices] = True
-    return torch.where(keep, flat, 0).view(tau.shape)
+    # numpy's introselect partition is ~6x faster than torch.topk on CPU, and as exact
+    magnitudes = flat.abs().to(torch.float32 if flat.dtype != torch.float64 else flat.dtype).numpy()
+    keep = torch.zeros(flat.shape, dtype=flat.dtype)
+    keep[torch.from_numpy(np.argpartition(magnitudes, numel - k)[numel - k :])] = 1
+    return (flat * keep).view(tau.shape)
 
 
 def tensor_seed(seed: int, name: str, index: int) -> int:
@@ -53,30 +57,33 @@ def dare_drop(tau: torch.Tensor, density: float, generator: torch.Generator) -> 
     if density >= 1.0:
         return tau
     keep = torch.rand(tau.shape, generator=generator) < density
-    return torch.where(keep, tau / density, 0)
+    # a multiply, not torch.where: several times faster on CPU
+    return tau * keep.to(tau.dtype) * (1.0 / density)
 
 
 def elect_sign(taus: Sequence[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
-    """TIES sign election: gamma = sgn(sum_i w_i * trim(tau_i)), True where positive.
+    """TIES sign election: gamma = sgn(sum_i w_i * trim(tau_i)), as +1.0 / -1.0.
 
     A zero sum elects +, as mergekit and PEFT do, so a tied vote is deterministic.
     """
     mass = torch.zeros_like(taus[0])
     for w, tau in zip(weights.tolist(), taus):
         mass.add_(tau, alpha=w)
-    return mass >= 0
+    return (mass >= 0).to(mass.dtype) * 2 - 1
 
 
-def disjoint_mean(taus: Sequence[torch.Tensor], weights: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
+def disjoint_mean(taus: Sequence[torch.Tensor], weights: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
     """TIES disjoint merge: sum_{i in A} w_i tau_i / sum_{i in A} w_i, A = experts whose
-    non-zero entry has the elected sign; 0 where A is empty."""
+    non-zero entry has the elected ``sign``; 0 where A is empty."""
     num = torch.zeros_like(taus[0])
     den = torch.zeros_like(taus[0])
     for w, tau in zip(weights.tolist(), taus):
-        agree = torch.where(positive, tau > 0, tau < 0)
-        num.add_(torch.where(agree, tau, 0), alpha=w)
-        den.add_(agree.to(den.dtype), alpha=w)
-    return torch.where(den > 0, num / den.clamp_min(torch.finfo(den.dtype).tiny), 0)
+        # |tau_i| where tau_i has the elected sign, else 0: in-place passes, no masks
+        agreeing = (tau * sign).clamp_min_(0)
+        num.add_(agreeing, alpha=w)
+        den.add_(agreeing.sign_(), alpha=w)
+    # num is 0 wherever den is: dividing by a tiny floor there yields the 0 we want
+    return sign * num / den.clamp_min(torch.finfo(den.dtype).tiny)
 
 
 def _magnitude_bins(tau: torch.Tensor) -> torch.Tensor:
@@ -114,7 +121,7 @@ class _Threshold:
             if q:
                 magnitudes = tau.reshape(-1)[at_cut].abs()
                 keep[at_cut[magnitudes.topk(q, sorted=False).indices]] = True
-        return torch.where(keep, tau.reshape(-1), 0).view(tau.shape)
+        return (tau.reshape(-1) * keep.to(tau.dtype)).view(tau.shape)
 
 
 class ModelMagnitudeTrim:

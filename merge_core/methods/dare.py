@@ -17,9 +17,9 @@ def _dropped_task_vectors(t: TensorInputs, p: Mapping[str, Any]) -> list[torch.T
     """tau~_i = m_i * tau_i / density with m_i ~ Bernoulli(density), seeded by
     (seed, tensor name, i) so the result does not depend on visit order."""
     dropped = []
-    for i, tau in enumerate(t.task_vectors()):
+    for i, theta in enumerate(t.models):
         g = torch.Generator().manual_seed(tensor_seed(p["seed"], t.name, i))
-        dropped.append(dare_drop(tau, p["density"], g))
+        dropped.append(dare_drop(theta - t.base, p["density"], g))
     return dropped
 
 
@@ -37,5 +37,5 @@ def dare_ties(t: TensorInputs, p: Mapping[str, Any]) -> torch.Tensor:
     """theta = theta_0 + lambda * tau_m, with TIES's sign election and disjoint mean
     applied to the DARE-dropped tau~_i instead of magnitude-trimmed ones."""
     dropped = _dropped_task_vectors(t, p)
-    positive = elect_sign(dropped, t.weights)
-    return t.base + p["lambda"] * disjoint_mean(dropped, t.weights, positive)
+    sign = elect_sign(dropped, t.weights)
+    return t.base + p["lambda"] * disjoint_mean(dropped, t.weights, sign)

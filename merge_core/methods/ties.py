@@ -25,6 +25,7 @@ def ties(t: TensorInputs, p: Mapping[str, Any]) -> torch.Tensor:
 
     With unit weights the denominator is the paper's count |A|.
     """
-    trimmed = [t.trim(tau, i, p["density"]) for i, tau in enumerate(t.task_vectors())]
-    positive = elect_sign(trimmed, t.weights)
-    return t.base + p["lambda"] * disjoint_mean(trimmed, t.weights, positive)
+    # trim each task vector as it is made, so at most one untrimmed one is alive
+    trimmed = [t.trim(theta - t.base, i, p["density"]) for i, theta in enumerate(t.models)]
+    sign = elect_sign(trimmed, t.weights)
+    return t.base + p["lambda"] * disjoint_mean(trimmed, t.weights, sign)

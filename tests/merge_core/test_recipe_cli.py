@@ -88,3 +88,12 @@ def test_cli_lists_methods():
     assert [line.split()[0] for line in done.stdout.splitlines()] == [
         "average", "dare_linear", "dare_ties", "extreme", "slerp", "task_arithmetic", "ties"
     ]
+
+
+def test_hash_inputs_off_records_sizes_only(recipe_file, tmp_path):
+    from merge_core import merge
+
+    result = merge(load_recipe(recipe_file, ["hash_inputs=false", f"output={tmp_path / 'nohash.safetensors'}"]), progress=False)
+    files = [f for i in result.provenance["inputs"] for f in i["files"]]
+    assert files and all(f["sha256"] is None and f["bytes"] > 0 for f in files)
+    assert result.provenance["recipe"]["hash_inputs"] is False
