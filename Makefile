@@ -11,8 +11,8 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 # espeak-ng and sox synthesise the test and demo speech
 $(STAMP): pyproject.toml
-	command -v espeak-ng >/dev/null && command -v sox >/dev/null || \
-		{ $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq espeak-ng sox >/dev/null; }
+	command -v espeak-ng >/dev/null && command -v sox >/dev/null && test -d /usr/share/games/fortunes || \
+		{ $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq espeak-ng sox fortunes >/dev/null; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e ".[all,dev]"

@@ -7,6 +7,7 @@ import importlib
 import sys
 from typing import Sequence
 
+from merge_core.corpus import SIZES, prepare_librispeech, prepare_synthetic_corpus
 from merge_core.engine import merge
 from merge_core.errors import EvaluationError, MergeError
 from merge_core.recipe import load_recipe, load_yaml_config
@@ -58,6 +59,21 @@ def _cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_make_corpus(args: argparse.Namespace) -> int:
+    corpus = prepare_synthetic_corpus(
+        args.out, size=args.size, seed=args.seed, jobs=args.jobs, progress=not args.quiet
+    )
+    print(f"{args.out}: {corpus['utterances']} utterances, {corpus['hours']:.2f} h in {corpus['build_seconds']:.0f} s")
+    return 0
+
+
+def _cmd_prepare_librispeech(args: argparse.Namespace) -> int:
+    written = prepare_librispeech(args.root, args.out, splits=args.splits, toolkit=args.toolkit)
+    for split, paths in written.items():
+        print(f"{split}: {', '.join(str(p) for p in paths.values())}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="asr-merge", description="Merge ASR checkpoints without forgetting.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -71,6 +87,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. models.1.model=merged.nemo")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=_cmd_eval)
+    p = sub.add_parser(
+        "make-corpus",
+        help="synthesise the demo corpus (LibriSpeech layout + target domains)",
+        description="Synthesise speech with espeak-ng and sox: a LibriSpeech-like original domain and target "
+        "domains (accented, noisy, telephone, emotional, finance), each in LibriSpeech's layout.",
+    )
+    p.add_argument("out", help="output folder")
+    p.add_argument(
+        "--size",
+        choices=list(SIZES),
+        default="default",
+        help="smoke: seconds, for CI; default: for 2 CPU cores; large: tens of hours, for a GPU",
+    )
+    p.add_argument("--seed", type=int, default=0, help="the same seed gives the same corpus")
+    p.add_argument("--jobs", type=int, default=2, help="parallel synthesis processes")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=_cmd_make_corpus)
+    p = sub.add_parser(
+        "prepare-librispeech",
+        help="NeMo/SpeechBrain manifests from a LibriSpeech-layout folder",
+        description="Write NeMo JSONL manifests (train_clean_100.json, ...) and SpeechBrain CSVs "
+        "(train-clean-100.csv, ...) for the split folders of a LibriSpeech-layout folder.",
+    )
+    p.add_argument("root", help="folder holding split folders: LibriSpeech/ (real or synthetic) or a domain's folder")
+    p.add_argument("out", help="folder for the manifests")
+    p.add_argument("--toolkit", choices=["nemo", "speechbrain", "both"], default="both")
+    p.add_argument("--splits", nargs="+", help="split folders to prepare (default: all that hold transcripts)")
+    p.set_defaults(run=_cmd_prepare_librispeech)
     p = sub.add_parser("methods", help="list merge methods and their default parameters")
     p.set_defaults(run=_cmd_methods)
     return parser
