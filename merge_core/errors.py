@@ -28,3 +28,13 @@ class EvaluationError(MergeError):
 
 class ManifestError(EvaluationError):
     """A manifest is empty, malformed, or names audio that cannot be read."""
+
+
+class TrainingConfigError(MergeError):
+    """A fine-tuning setting (LLRD, schedule, LoRA, snapshots) is invalid; the message
+    names the config key or module at fault."""
+
+
+class CorpusError(MergeError):
+    """A corpus folder, transcript, audio file or text source is missing or malformed,
+    or a build clashes with an earlier one; the message names the path at fault."""

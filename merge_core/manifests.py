@@ -2,13 +2,21 @@
 
 NeMo: JSON lines with ``audio_filepath``, ``duration``, ``text``; a relative
 ``audio_filepath`` is resolved against the manifest's folder, as NeMo's datasets do.
+
+SpeechBrain: CSV with ``ID``, ``wav`` and ``wrd`` columns (``librispeech_prepare.py``
+writes ``ID,duration,wav,spk_id,wrd``); ``$name`` placeholders are replaced as
+SpeechBrain's ``load_data_csv`` does, and a relative ``wav`` is relative to the working
+directory, where SpeechBrain opens it.
 """
 
 from __future__ import annotations
 
+import csv
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Mapping
 
 from merge_core.errors import ManifestError
 
@@ -59,6 +67,80 @@ def read_nemo_manifest(path: str | Path) -> list[Utterance]:
     if not utterances:
         raise ManifestError(f"{path}: manifest holds no utterances")
     return utterances
+
+
+SPEECHBRAIN_COLUMNS = ("ID", "wav", "wrd")
+# SpeechBrain's own placeholder pattern (speechbrain.dataio.dataio.load_data_csv)
+_PLACEHOLDER = re.compile(r"\$([\w.]+)")
+
+
+def _replace_placeholders(value: str, replacements: Mapping[str, str], where: str) -> str:
+    def replace(match: re.Match) -> str:
+        if match[1] not in replacements:
+            known = ", ".join(sorted(replacements)) or "none given"
+            raise ManifestError(f"{where}: {value!r} needs a value for ${match[1]} (replacements: {known})")
+        return str(replacements[match[1]])
+
+    return _PLACEHOLDER.sub(replace, value)
+
+
+def _csv_utterance(row: dict, replacements: Mapping[str, str], where: str) -> Utterance:
+    # DictReader pads a short row with None and files a long row's surplus under None
+    if None in row or None in row.values():
+        raise ManifestError(f"{where}: row does not have one field per column of the header")
+    try:
+        duration = float(row["duration"]) if row.get("duration") else None
+    except ValueError:
+        raise ManifestError(f"{where}: duration {row['duration']!r} is not a number") from None
+    audio = Path(_replace_placeholders(row["wav"], replacements, where))
+    return Utterance(
+        audio=audio.absolute(), text=_replace_placeholders(row["wrd"], replacements, where), duration=duration
+    )
+
+
+def read_speechbrain_csv(path: str | Path, replacements: Mapping[str, str] | None = None) -> list[Utterance]:
+    """Read a SpeechBrain CSV manifest; errors name the file, line and column.
+
+    ``replacements`` fill ``$name`` placeholders, e.g. ``{"data_root": "/data"}`` for
+    rows written as ``$data_root/LibriSpeech/...``, as SpeechBrain's recipes pass them to
+    ``DynamicItemDataset.from_csv``.
+
+    >>> import tempfile, os
+    >>> d = tempfile.mkdtemp()
+    >>> rows = "ID,duration,wav,spk_id,wrd\\n1-2-3,1.5,$data_root/a.wav,1,HI THERE\\n"
+    >>> _ = open(os.path.join(d, "t.csv"), "w").write(rows)
+    >>> u = read_speechbrain_csv(os.path.join(d, "t.csv"), {"data_root": "/data"})[0]
+    >>> str(u.audio), u.text, u.duration
+    ('/data/a.wav', 'HI THERE', 1.5)
+    """
+    path = Path(path)
+    utterances, seen = [], set()
+    for line, row in _csv_rows(path):
+        where = f"{path}:{line}"
+        if row["ID"] in seen:
+            raise ManifestError(f"{where}: duplicate ID {row['ID']!r}")
+        seen.add(row["ID"])
+        utterances.append(_csv_utterance(row, replacements or {}, where))
+    if not utterances:
+        raise ManifestError(f"{path}: manifest holds no utterances")
+    return utterances
+
+
+def _csv_rows(path: Path) -> list[tuple[int, dict]]:
+    """(line number, row) of a CSV whose header has the SpeechBrain columns."""
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f, skipinitialspace=True)
+            header = reader.fieldnames or []
+            missing = [c for c in SPEECHBRAIN_COLUMNS if c not in header]
+            if missing:
+                lacking, found = ", ".join(map(repr, missing)), ", ".join(header) or "empty"
+                raise ManifestError(f"{path}: CSV lacks column(s) {lacking} (header: {found})")
+            return [(reader.line_num, row) for row in reader]
+    except OSError as e:
+        raise ManifestError(f"{path}: cannot read manifest ({e.strerror})") from None
+    except (csv.Error, UnicodeDecodeError) as e:
+        raise ManifestError(f"{path}: not a readable CSV ({e})") from None
 
 
 def check_audio(utterances: list[Utterance], manifest: str | Path) -> None:

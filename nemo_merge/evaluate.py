@@ -22,12 +22,7 @@ from merge_core import MergeError
 from merge_core.evaluation.runner import Backend, EvalConfig, ModelSpec, run_evaluation
 from merge_core.manifests import Utterance, read_nemo_manifest
 from merge_core.provenance import file_sha256
-
-
-def _device(config: EvalConfig) -> str:
-    if config.device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return config.device
+from nemo_merge.hydra_args import config_path_from_cwd
 
 
 def restore(spec: ModelSpec, device: str) -> Any:
@@ -67,7 +62,7 @@ class NemoBackend(Backend):
 
     def _model(self, spec: ModelSpec, config: EvalConfig) -> Any:
         if spec.name not in self._loaded:
-            model = restore(spec, _device(config))
+            model = restore(spec, config.resolved_device())
             if config.decoding is not None:
                 model.change_decoding_strategy(OmegaConf.merge(model.cfg.decoding, dict(config.decoding)))
             self._loaded[spec.name] = model
@@ -112,4 +107,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    sys.argv = config_path_from_cwd(sys.argv)
     main()

@@ -18,6 +18,8 @@ from merge_core import MergeError, Recipe, merge
 from nemo.core.config import hydra_runner
 from nemo.utils import logging
 
+from nemo_merge.hydra_args import config_path_from_cwd
+
 
 @hydra_runner(config_path=None, config_name=None)
 def main(cfg: DictConfig) -> None:
@@ -34,4 +36,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    sys.argv = config_path_from_cwd(sys.argv)
     main()

@@ -8,7 +8,7 @@ wrappers. Audio is made by espeak-ng and sox; text comes from Debian's ``fortune
 """
 
 from merge_core.corpus.domains import DOMAINS, SIZES
-from merge_core.corpus.errors import CorpusError
+from merge_core.errors import CorpusError
 from merge_core.corpus.librispeech import prepare_librispeech
 from merge_core.corpus.synthetic import prepare_synthetic_corpus
 

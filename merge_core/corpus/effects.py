@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from merge_core.corpus.errors import CorpusError
+from merge_core.errors import CorpusError
 
 SAMPLE_RATE = 16000
 # Spectral slope of each noise colour: power ~ 1 / f ** exponent.

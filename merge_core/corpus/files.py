@@ -5,7 +5,7 @@ from __future__ import annotations
 import struct
 from pathlib import Path
 
-from merge_core.corpus.errors import CorpusError
+from merge_core.errors import CorpusError
 from merge_core.evaluation.cache import write_atomically
 
 

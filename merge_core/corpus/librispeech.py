@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from merge_core.corpus.errors import CorpusError
+from merge_core.errors import CorpusError
 from merge_core.corpus.files import flac_duration, write_text_atomically
 
 TOOLKITS = ("nemo", "speechbrain")

@@ -21,7 +21,7 @@ from pathlib import PurePosixPath
 from typing import Any, TypeVar
 
 from merge_core.corpus.domains import DOMAINS, SIZES, Condition, Domain, Sizes, SplitDesign
-from merge_core.corpus.errors import CorpusError
+from merge_core.errors import CorpusError
 from merge_core.corpus.finance import finance_sentences
 from merge_core.corpus.text import PHRASES, Sentence
 from merge_core.corpus.voices import Speaker, VoicePool, make_speaker, voice_order

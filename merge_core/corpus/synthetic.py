@@ -35,7 +35,7 @@ from merge_core.audio import synthesize
 from merge_core.checkpoint.atomic import publish
 from merge_core.corpus.domains import DOMAINS
 from merge_core.corpus.effects import EFFECTS, encode_flac
-from merge_core.corpus.errors import CorpusError
+from merge_core.errors import CorpusError
 from merge_core.corpus.files import flac_duration, write_text_atomically
 from merge_core.corpus.plan import PlannedUtterance, plan_corpus, utterance_seed
 from merge_core.corpus.text import FORTUNES_DIR, fortune_sentences

@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from merge_core.corpus.errors import CorpusError
+from merge_core.errors import CorpusError
 
 FORTUNES_DIR = Path("/usr/share/games/fortunes")
 FORTUNES_HINT = "apt-get install fortunes"

@@ -65,6 +65,14 @@ class EvalConfig:
     cache_dir: str | None = None
     toolkit: str = "nemo"
 
+    def resolved_device(self) -> str:
+        """``device``, with ``auto`` meaning CUDA when torch sees a GPU."""
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
     @classmethod
     def from_mapping(cls, raw: Mapping[str, Any] | DictConfig) -> "EvalConfig":
         if isinstance(raw, DictConfig):

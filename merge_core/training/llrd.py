@@ -9,11 +9,21 @@ pre-encoder, decoder, ...) gets the lowest encoder layer's rate.
 from __future__ import annotations
 
 import re
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Mapping
 
 from torch import nn
 
-from merge_core.training.errors import TrainingConfigError
+from merge_core.errors import TrainingConfigError
+
+SETTINGS_KEYS = ("decay", "layer_pattern")
+
+
+def check_decay(decay: Any) -> float:
+    """``decay`` as a float, refused unless a number in (0, 1]."""
+    if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 < decay <= 1.0:
+        raise TrainingConfigError(f"llrd.decay must be a number in (0, 1], got {decay!r}")
+    return float(decay)
 
 
 def layer_learning_rates(n_layers: int, decay: float, lr_top: float) -> list[float]:
@@ -38,8 +48,7 @@ def layer_learning_rates(n_layers: int, decay: float, lr_top: float) -> list[flo
     list of float
         ``[lr_top * decay**(N-1), ..., lr_top * decay, lr_top]``.
     """
-    if not 0.0 < decay <= 1.0:
-        raise TrainingConfigError(f"llrd.decay must lie in (0, 1], got {decay!r}")
+    check_decay(decay)
     if not lr_top > 0.0:
         raise TrainingConfigError(f"the top layer's learning rate (optim.lr) must be > 0, got {lr_top!r}")
     return [lr_top * decay ** (n_layers - i) for i in range(1, n_layers + 1)]
@@ -116,3 +125,27 @@ def llrd_param_groups(module: nn.Module, layer_pattern: str, decay: float, lr_to
     if rest:
         groups.append({"name": "rest", "params": rest, "lr": rates[0]})
     return groups
+
+
+@dataclass(frozen=True)
+class LLRDSettings:
+    """The ``llrd`` config section: ``decay`` (alpha) and ``layer_pattern`` (a regular
+    expression capturing the encoder layer index from parameter names)."""
+
+    decay: float
+    layer_pattern: str
+
+    @classmethod
+    def from_mapping(cls, section: Mapping[str, Any], default_layer_pattern: str) -> "LLRDSettings":
+        """Validated settings; ``layer_pattern`` defaults to the toolkit's encoder layers."""
+        unknown = sorted(set(section) - set(SETTINGS_KEYS))
+        if unknown:
+            raise TrainingConfigError(f"unknown key llrd.{unknown[0]}; known keys: {', '.join(SETTINGS_KEYS)}")
+        decay = check_decay(section.get("decay"))
+        layer_pattern = section.get("layer_pattern") or default_layer_pattern
+        compile_layer_pattern(layer_pattern)
+        return cls(decay=decay, layer_pattern=layer_pattern)
+
+    def param_groups(self, module: nn.Module, lr_top: float) -> list[dict[str, Any]]:
+        """:func:`llrd_param_groups` with these settings."""
+        return llrd_param_groups(module, self.layer_pattern, self.decay, lr_top)

@@ -29,7 +29,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 from torch.func import functional_call
 
-from merge_core.training.errors import TrainingConfigError
+from merge_core.errors import TrainingConfigError
 
 SETTINGS_KEYS = ("r", "alpha", "dropout", "target_modules")
 
@@ -107,7 +107,13 @@ class Conv1dLora(nn.Module, LoraLayer):
     """
 
     def __init__(
-        self, base_layer: nn.Conv1d, adapter_name: str, config: LoraConfig, r: int = 0, lora_alpha: float = 1, **kwargs: Any
+        self,
+        base_layer: nn.Conv1d,
+        adapter_name: str,
+        config: LoraConfig,
+        r: int = 0,
+        lora_alpha: float = 1,
+        **kwargs: Any,
     ) -> None:
         super().__init__()
         LoraLayer.__init__(self, base_layer, **kwargs)
@@ -143,6 +149,7 @@ class Conv1dLora(nn.Module, LoraLayer):
             weight.data = weight.data - self.get_delta_weight(adapter).detach().to(weight.dtype)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        """The base layer's forward with kernel W' (plus dropout branches when training)."""
         if "adapter_names" in kwargs:
             raise TypeError(f"lora.{type(self).__name__} does not support mixed adapter batches")
         base = self.get_base_layer()
@@ -160,8 +167,8 @@ class Conv1dLora(nn.Module, LoraLayer):
                 weight = weight + self.get_delta_weight(adapter).to(weight.dtype)
         out = functional_call(base, {"weight": weight}, (x, *args), kwargs)
         for adapter in branched:
-            dropped = self.lora_dropout[adapter](x)
-            branch = functional_call(base, {"weight": self.get_delta_weight(adapter), "bias": None}, (dropped, *args), kwargs)
+            branch_params = {"weight": self.get_delta_weight(adapter), "bias": None}
+            branch = functional_call(base, branch_params, (self.lora_dropout[adapter](x), *args), kwargs)
             out = _add_outputs(out, branch)
         return out
 
@@ -199,11 +206,12 @@ def apply_lora(model: nn.Module, settings: LoraSettings, adapter_name: str = "de
     torch.nn.Module
         ``model``.
     """
+    targets = settings.target_modules
     config = LoraConfig(
         r=settings.r,
         lora_alpha=settings.scale_alpha,
         lora_dropout=settings.dropout,
-        target_modules=list(settings.target_modules) if isinstance(settings.target_modules, tuple) else settings.target_modules,
+        target_modules=list(targets) if isinstance(targets, tuple) else targets,
         bias="none",
     )
     config._register_custom_module({nn.Conv1d: Conv1dLora})
@@ -282,6 +290,8 @@ def fold_lora(model: nn.Module) -> nn.Module:
     with torch.no_grad():
         for name, layer in lora_layers(model):
             _fold_layer(model, name, layer)
+    # the record inject_adapter_in_model leaves on the model; merge_and_unload drops it too
+    vars(model).pop("peft_config", None)
     return model
 
 

@@ -13,7 +13,7 @@ import math
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
-from merge_core.training.errors import TrainingConfigError
+from merge_core.errors import TrainingConfigError
 
 
 def check_stlr_settings(max_steps: int, cut_frac: float, ratio: float) -> None:

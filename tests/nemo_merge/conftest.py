@@ -167,3 +167,15 @@ def fine_tune(base: Path, manifest: Path, out: Path, seed: int, lr: float, work_
         model.setup_training_data(train_ds)
         trainer.fit(model)
     model.save_to(str(out))
+
+
+@pytest.fixture(scope="session")
+def nemo_finetune_manifests(nemo_audio_manifest: Path) -> tuple[Path, Path]:
+    """``(train.json, dev.json)``: the audio manifest under two names beside it (so its
+    relative audio paths still resolve). NeMo's ``setup_multiple_validation_data``, which
+    its fine-tuning script calls, refuses a manifest named ``manifest.json``."""
+    folder = nemo_audio_manifest.parent
+    paths = (folder / "train.json", folder / "dev.json")
+    for path in paths:
+        shutil.copyfile(nemo_audio_manifest, path)
+    return paths
