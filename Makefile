@@ -30,6 +30,10 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/merge_bench.py
+	$(BIN)/python benchmarks/nemo_merge_bench.py
+	$(BIN)/python benchmarks/nemo_eval_bench.py
+	$(BIN)/python benchmarks/nemo_train_overhead.py
+	$(BIN)/python benchmarks/sb_merge_bench.py
 
 clean:
 	rm -rf $(VENV)

@@ -19,12 +19,12 @@ Then, side by side in one run, for each method of ``--methods``:
   buffer) and output-size bytes written once beside the outputs: the I/O that any
   merge must do. Best of three runs.
 
-Every variant runs in a fresh child process (``merge_bench.py --run SPEC``) so
-memory never carries over. The parent samples the child's ``/proc/PID/status``
-every ~5 ms for the peaks of ``RssAnon`` (private, anonymous pages: the memory
-that cannot be reclaimed, which is what the targets are judged by) and ``VmRSS``
-(also counts memory-mapped file pages, which the kernel can drop); the child
-reports its own ``VmHWM`` (exact peak RSS), its wall and CPU time of the work
+Every variant runs in a fresh child process (``merge_bench.py --run SPEC``; the
+machinery is in ``measure.py``) so memory never carries over. The parent samples
+the child's ``/proc/PID/status`` every ~5 ms for the peaks of ``RssAnon`` (private,
+anonymous pages: the memory that cannot be reclaimed, which is what the targets are
+judged by) and ``VmRSS`` (also counts memory-mapped file pages, which the kernel
+can drop); the child reports its own ``VmHWM`` (exact peak RSS), its wall and CPU time of the work
 alone (interpreter start-up and imports excluded) and its private memory right
 after the imports (``idle``). Every input file is read once before the timed runs,
 so all variants read from the page cache. The machine may be shared, so each run
@@ -54,27 +54,40 @@ merged outputs are deleted after each comparison unless ``--keep``.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
-import resource
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))  # run from a source tree without installing
 
-GIB = 1 << 30
-MB = 10**6
-CHUNK = 16 << 20
-SAMPLE_S = 0.005
+from measure import (  # noqa: E402  (benchmarks/ is on sys.path when this script runs)
+    CHUNK,
+    GIB,
+    MB,
+    QUIET_CORES,
+    ChildFn,
+    Column,
+    Quiet,
+    Result,
+    child_main,
+    gib,
+    read_all,
+    render_table,
+    run_quietly,
+    timed,
+    verdict,
+    warm_page_cache,
+)
+
+SCRIPT = Path(__file__).resolve()  # the child of every variant
 FLOOR_RUNS = 3
 FORMAT_VERSION = 1  # bump when the synthetic model changes, to invalidate cached inputs
 
@@ -263,31 +276,6 @@ def ensure_inputs(workdir: Path, size_mb: float, experts: int) -> Inputs:
 # ---------------------------------------------------------------------- measuring
 
 
-def proc_status(pid: int | str = "self") -> dict[str, int]:
-    """Memory fields of /proc/PID/status in KiB (empty once the process is gone)."""
-    fields = {}
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith(("VmRSS:", "RssAnon:", "VmHWM:")):
-                    key, value = line.split(":", 1)
-                    fields[key] = int(value.split()[0])
-    except (FileNotFoundError, ProcessLookupError, ValueError):
-        pass
-    return fields
-
-
-def read_all(paths: list[Path], buf: bytearray) -> int:
-    """Read every byte of ``paths`` into one reusable buffer; returns the byte count."""
-    view = memoryview(buf)
-    total = 0
-    for path in paths:
-        with open(path, "rb", buffering=0) as f:
-            while n := f.readinto(view):
-                total += n
-    return total
-
-
 def write_bytes(path: Path, size: int, buf: bytearray) -> None:
     view = memoryview(buf)
     with open(path, "wb", buffering=0) as f:
@@ -296,136 +284,7 @@ def write_bytes(path: Path, size: int, buf: bytearray) -> None:
             left -= f.write(view[: min(left, len(view))])
 
 
-def cpu_busy_s() -> float:
-    """CPU seconds the whole machine has spent busy (all cores; steal counts as busy)."""
-    with open("/proc/stat") as f:
-        user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in f.readline().split()[1:9])
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-
-
-def own_cpu_s() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
-
-
-def wait_for_quiet(max_wait_s: float, threshold: float) -> float:
-    """Wait until other processes use under ``threshold`` cores (over 0.5 s windows);
-    returns the load seen last, in cores."""
-    deadline = time.monotonic() + max_wait_s
-    while True:
-        busy, own, start = cpu_busy_s(), own_cpu_s(), time.monotonic()
-        time.sleep(0.5)
-        load = (cpu_busy_s() - busy - (own_cpu_s() - own)) / (time.monotonic() - start)
-        if load < threshold or time.monotonic() > deadline:
-            return load
-
-
-@dataclass
-class Result:
-    variant: str
-    wall_s: float
-    cpu_s: float
-    peak_rss_kib: int
-    peak_anon_kib: int
-    idle_anon_kib: int
-    other_cores: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class Sampler:
-    """Peaks of a process's RssAnon and VmRSS, and the CPU others used meanwhile."""
-
-    pid: int
-    peak_anon: int = 0
-    peak_rss: int = 0
-    busy0: float = field(default_factory=cpu_busy_s)
-    own0: float = field(default_factory=own_cpu_s)
-    start: float = field(default_factory=time.monotonic)
-
-    def sample(self) -> None:
-        status = proc_status(self.pid)
-        self.peak_anon = max(self.peak_anon, status.get("RssAnon", 0))
-        self.peak_rss = max(self.peak_rss, status.get("VmRSS", 0))
-
-    def other_cores(self, child_cpu_s: float) -> float:
-        """Cores used by processes other than the child and this sampler, on average."""
-        other = cpu_busy_s() - self.busy0 - (own_cpu_s() - self.own0) - child_cpu_s
-        return max(0.0, other / max(time.monotonic() - self.start, 1e-9))
-
-
-QUIET_CORES = 0.2
-
-
-@dataclass(frozen=True)
-class Quiet:
-    """How hard to try for runs that other processes do not disturb."""
-
-    wait_s: float  # before a run, wait up to this long for the CPUs to go idle
-    retries: int  # rerun a run during which others used more than QUIET_CORES, this many times
-
-
-def run_quietly(variant: str, spec: dict[str, Any], quiet: Quiet, env: dict[str, str] | None = None) -> Result:
-    """:func:`run_child`, rerun while other processes disturbed it; the least disturbed run."""
-    runs: list[Result] = []
-    for attempt in range(quiet.retries + 1):
-        load = wait_for_quiet(quiet.wait_s, QUIET_CORES)
-        if load >= QUIET_CORES:
-            print(f"  warning: other processes use {load:.1f} cores before {variant}", flush=True)
-        runs.append(run_child(variant, spec, env))
-        if runs[-1].other_cores < QUIET_CORES:
-            break
-        print(f"  {variant}: other processes used {runs[-1].other_cores:.2f} cores meanwhile", flush=True)
-    return min(runs, key=lambda r: r.other_cores)
-
-
-def run_child(variant: str, spec: dict[str, Any], env: dict[str, str] | None = None) -> Result:
-    """Run one variant in a fresh interpreter, sampling its memory every ~5 ms."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--run", json.dumps(spec)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
-    sampler = Sampler(proc.pid)
-    while True:
-        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-        if pid:
-            break
-        sampler.sample()
-        time.sleep(SAMPLE_S)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    other = sampler.other_cores(usage.ru_utime + usage.ru_stime)
-    out = proc.stdout.read() if proc.stdout else ""
-    if proc.returncode != 0:
-        raise RuntimeError(f"{variant}: child failed with exit status {proc.returncode}")
-    report = json.loads(out.strip().splitlines()[-1])
-    return Result(
-        variant=variant,
-        wall_s=report["wall_s"],
-        cpu_s=report["cpu_s"],
-        peak_rss_kib=max(sampler.peak_rss, report["vmhwm_kib"]),
-        peak_anon_kib=max(sampler.peak_anon, report["end_anon_kib"]),
-        idle_anon_kib=report["idle_anon_kib"],
-        other_cores=other,
-        extra=report.get("extra", {}),
-    )
-
-
 # ------------------------------------------------------------------ child variants
-
-
-def timed(work: Callable[[], dict[str, Any] | None]) -> dict[str, Any]:
-    """Run ``work`` and describe it for the parent (one JSON line on stdout)."""
-    idle = proc_status().get("RssAnon", 0)
-    wall, cpu = time.perf_counter(), own_cpu_s()
-    extra = work() or {}
-    wall, cpu = time.perf_counter() - wall, own_cpu_s() - cpu
-    status = proc_status()
-    return {
-        "wall_s": wall,
-        "cpu_s": cpu,
-        "vmhwm_kib": status.get("VmHWM", 0),
-        "end_anon_kib": status.get("RssAnon", 0),
-        "idle_anon_kib": idle,
-        "extra": extra,
-    }
 
 
 def child_floor(spec: dict[str, Any]) -> dict[str, Any]:
@@ -514,16 +373,11 @@ def child_ours(spec: dict[str, Any]) -> dict[str, Any]:
     return timed(lambda: {"merge_seconds": merge(recipe, progress=False).seconds})
 
 
-CHILDREN: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
+CHILDREN: dict[str, ChildFn] = {
     "floor": child_floor,
     "naive": child_naive,
     "ours": child_ours,
 }
-
-
-def child_main(raw: str) -> None:
-    spec = json.loads(raw)
-    print(json.dumps(CHILDREN[spec["kind"]](spec)), flush=True)
 
 
 # ---------------------------------------------------------------------- comparing
@@ -531,7 +385,6 @@ def child_main(raw: str) -> None:
 
 def compare_outputs(a: Path, b: Path) -> tuple[float, float]:
     """Max |a - b| over all tensors, and the share of entries that differ."""
-    import torch
     from safetensors import safe_open
 
     worst, differing, total = 0.0, 0, 0
@@ -588,7 +441,7 @@ def run_floor(plan: Plan) -> Result:
     }
     runs = []
     for _ in range(FLOOR_RUNS):
-        runs.append(run_quietly("floor (read all, write 1)", spec, plan.quiet))
+        runs.append(run_quietly(SCRIPT, "floor (read all, write 1)", spec, plan.quiet))
         output.unlink(missing_ok=True)
     return min(runs, key=lambda r: r.wall_s)
 
@@ -597,58 +450,65 @@ def run_method(plan: Plan, key: str, caches: Path) -> list[Result]:
     """naive, ours (cold digest cache), ours without input hashing, ours (warm cache,
     average only); outputs compared."""
     naive_out, ours_out = plan.outdir / f"naive-{key}.safetensors", plan.outdir / f"ours-{key}.safetensors"
-    naive = run_quietly(f"naive {key}", {**common_spec(plan, "naive", key), "output": str(naive_out)}, plan.quiet)
+    naive_spec = {**common_spec(plan, "naive", key), "output": str(naive_out)}
+    naive = run_quietly(SCRIPT, f"naive {key}", naive_spec, plan.quiet)
     cache = Path(tempfile.mkdtemp(prefix=f"cache-{key}-", dir=caches))
     ours_spec = {**common_spec(plan, "ours", key), "output": str(ours_out)}
-    ours = run_quietly(f"ours {key}", ours_spec, plan.quiet, env={"ASR_MERGE_CACHE": str(cache)})
+    ours = run_quietly(SCRIPT, f"ours {key}", ours_spec, plan.quiet, env={"ASR_MERGE_CACHE": str(cache)})
     ours.extra["max_abs_diff"], ours.extra["differing"] = compare_outputs(ours_out, naive_out)
     discard(naive_out, plan.keep)
     ours_out.unlink(missing_ok=True)
-    unhashed = run_quietly(f"ours {key}, no hash", {**ours_spec, "hash_inputs": False}, plan.quiet)
+    unhashed = run_quietly(SCRIPT, f"ours {key}, no hash", {**ours_spec, "hash_inputs": False}, plan.quiet)
     results = [naive, ours, unhashed]
     if key == "average":
         ours_out.unlink(missing_ok=True)
-        warm = run_quietly(f"ours {key}, warm cache", ours_spec, plan.quiet, env={"ASR_MERGE_CACHE": str(cache)})
+        warm_env = {"ASR_MERGE_CACHE": str(cache)}
+        warm = run_quietly(SCRIPT, f"ours {key}, warm cache", ours_spec, plan.quiet, env=warm_env)
         results.append(warm)
     discard(ours_out, plan.keep)
     return results
 
 
-def warm_page_cache(inputs: Inputs) -> float:
-    start = time.perf_counter()
-    read_all(inputs.all(), bytearray(CHUNK))
-    return time.perf_counter() - start
-
-
 # ------------------------------------------------------------------------- report
 
 
-def gib(kib: float) -> float:
-    return kib * 1024 / GIB
+TABLE = [
+    Column("variant", 28, "<"),
+    Column("wall s", 7),
+    Column("cpu s", 7),
+    Column("peak RSS GiB", 12),
+    Column("peak priv GiB", 13),
+    Column("idle priv", 9),
+    Column("time/floor", 10),
+    Column("priv/naive", 10),
+    Column("other cpu", 9),
+    Column("max|ours-naive| (differing)", gap=2),
+]
 
 
 def table(results: list[Result], floor: Result) -> list[str]:
     naive_anon = {r.variant.split()[1]: r.peak_anon_kib for r in results if r.variant.startswith("naive")}
-    head = (
-        f"{'variant':<28} {'wall s':>7} {'cpu s':>7} {'peak RSS GiB':>12} {'peak priv GiB':>13} "
-        f"{'idle priv':>9} {'time/floor':>10} {'priv/naive':>10} {'other cpu':>9}  {'max|ours-naive| (differing)'}"
-    )
-    lines = [head, "-" * len(head)]
+    rows = []
     for r in [floor, *results]:
         key = r.variant.split()[1].rstrip(",") if " " in r.variant and not r.variant.startswith("floor") else None
         ratio = f"{r.peak_anon_kib / naive_anon[key]:.2f}" if key in naive_anon else "-"
         diff = r.extra.get("max_abs_diff")
         diff_text = f"{diff:.2e} ({100 * r.extra['differing']:.3f}%)" if diff is not None else ""
-        lines.append(
-            f"{r.variant:<28} {r.wall_s:>7.2f} {r.cpu_s:>7.2f} {gib(r.peak_rss_kib):>12.3f} "
-            f"{gib(r.peak_anon_kib):>13.3f} {gib(r.idle_anon_kib):>9.3f} {r.wall_s / floor.wall_s:>10.2f} "
-            f"{ratio:>10} {r.other_cores:>9.2f}  {diff_text}"
+        rows.append(
+            [
+                r.variant,
+                f"{r.wall_s:.2f}",
+                f"{r.cpu_s:.2f}",
+                f"{gib(r.peak_rss_kib):.3f}",
+                f"{gib(r.peak_anon_kib):.3f}",
+                f"{gib(r.idle_anon_kib):.3f}",
+                f"{r.wall_s / floor.wall_s:.2f}",
+                ratio,
+                f"{r.other_cores:.2f}",
+                diff_text,
+            ]
         )
-    return lines
-
-
-def verdict(ok: bool) -> str:
-    return "PASS" if ok else "FAIL"
+    return render_table(TABLE, rows)
 
 
 def targets(results: list[Result], floor: Result, plan: Plan, experts: int) -> list[str]:
@@ -764,12 +624,12 @@ def header(plan: Plan, args: argparse.Namespace, warm_s: float) -> list[str]:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.run:
-        child_main(args.run)
+        child_main(args.run, CHILDREN)
         return
     keys = method_keys(args.methods)
     started = time.perf_counter()
     plan = prepare(args)
-    warm_s = warm_page_cache(plan.inputs)
+    warm_s = warm_page_cache(plan.inputs.all())
     caches = Path(tempfile.mkdtemp(prefix="digest-caches-", dir=args.workdir))
     try:
         floor = run_floor(plan)
