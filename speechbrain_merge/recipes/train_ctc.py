@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Recipe for training a CTC ASR model on CSV manifests with SpeechBrain.
 
 The encoder is a convolutional front end and a Conformer (``TransformerASR.encode``),
