@@ -25,9 +25,8 @@ from typing import Any, Mapping
 import yaml
 
 from merge_core.checkpoint.atomic import discard, publish, temp_path
-from merge_core.checkpoint.base import CheckpointReader, CheckpointWriter, TensorSpec, register_kind
-from merge_core.checkpoint.safetensors_io import SafetensorsWriter
-from merge_core.checkpoint.torch_io import TorchReader, save_staged_state_dict
+from merge_core.checkpoint.base import CheckpointReader, TensorSpec, register_kind
+from merge_core.checkpoint.torch_io import StagedWriter, TorchReader, save_staged_state_dict
 from merge_core.errors import CheckpointError, TensorMismatchError
 
 CONFIG_MEMBER = "model_config.yaml"
@@ -150,33 +149,24 @@ class NemoReader(CheckpointReader):
         discard(self._tmp)
 
 
-class NemoWriter(CheckpointWriter):
+class NemoWriter(StagedWriter):
     """The base's archive with merged weights: every other member (config, tokenizer,
     artifacts) copied byte for byte, plus ``asr_merge_provenance.json``."""
+
+    describes = ".nemo files"
 
     def __init__(self, path: Path, specs: Mapping[str, TensorSpec], base: CheckpointReader | None, **options: Any) -> None:
         if not isinstance(base, NemoReader):
             raise CheckpointError(f"{path}: a .nemo output needs a .nemo base model (its config and tokenizer are copied)")
-        if options.get("shard_size"):
-            raise CheckpointError(f"{path}: shard_size applies to safetensors output folders, not .nemo files")
-        super().__init__(path, specs, base)
-        self._staging = SafetensorsWriter(temp_path(self.path, ".safetensors"), specs, base)
+        super().__init__(path, specs, base, **options)
         self._weights_tmp = temp_path(self.path, ".ckpt")
-        self._tmp = temp_path(self.path)
-
-    @property
-    def order(self) -> list[str]:
-        return self._staging.order
-
-    def write(self, name: str, tensor: Any) -> None:
-        self._staging.write(name, tensor)
 
     def commit(self, provenance: Mapping[str, Any]) -> list[Path]:
-        self._staging.commit({})
+        staged = self.staged()
         try:
-            save_staged_state_dict(self._staging.path, list(self.specs), self._weights_tmp)
+            save_staged_state_dict(staged, list(self.specs), self._weights_tmp)
         finally:
-            discard(self._staging.path)
+            discard(staged)
         try:
             self._write_archive(json.dumps(provenance, indent=2, sort_keys=True).encode())
         finally:
@@ -203,9 +193,8 @@ class NemoWriter(CheckpointWriter):
             dst.addfile(info, io.BytesIO(provenance))
 
     def abort(self) -> None:
-        self._staging.abort()
-        for p in (self._staging.path, self._weights_tmp, self._tmp):
-            discard(p)
+        super().abort()
+        discard(self._weights_tmp)
 
 
 def read_nemo_provenance(path: str | Path) -> dict[str, Any] | None:

@@ -41,10 +41,10 @@ import torch
 import yaml
 
 import merge_core.checkpoint.formats  # noqa: F401  (built-in kinds first, so this one is tried before them)
-from merge_core.checkpoint.atomic import discard, publish, temp_path
-from merge_core.checkpoint.base import CheckpointReader, CheckpointWriter, TensorSpec, register_kind
-from merge_core.checkpoint.safetensors_io import INDEX_NAME, SafetensorsWriter
-from merge_core.checkpoint.torch_io import save_staged_state_dict
+from merge_core.checkpoint.atomic import discard, publish
+from merge_core.checkpoint.base import CheckpointReader, TensorSpec, register_kind
+from merge_core.checkpoint.safetensors_io import INDEX_NAME
+from merge_core.checkpoint.torch_io import StagedWriter, save_staged_state_dict
 from merge_core.errors import CheckpointError, TensorMismatchError
 
 # SpeechBrain's names (speechbrain.utils.checkpoints), repeated to keep this module import-free
@@ -226,9 +226,11 @@ def _copy(src: Path, dest: Path) -> None:
         shutil.copyfile(src, dest)
 
 
-class CheckpointerFolderWriter(CheckpointWriter):
+class CheckpointerFolderWriter(StagedWriter):
     """A ``CKPT+`` folder: merged recoverables saved with ``torch.save`` from a staged
     memory map, the base's other files copied, and a new ``CKPT.yaml``."""
+
+    describes = "checkpoint folders"
 
     def __init__(
         self, path: Path, specs: Mapping[str, TensorSpec], base: CheckpointReader | None, **options: Any
@@ -238,36 +240,25 @@ class CheckpointerFolderWriter(CheckpointWriter):
                 f"{path}: a {OUTPUT_PREFIX} output needs a SpeechBrain checkpoint folder as base model "
                 "(its other recoverables and meta are copied)"
             )
-        if options.get("shard_size"):
-            raise CheckpointError(f"{path}: shard_size applies to safetensors output folders, not checkpoint folders")
-        super().__init__(path, specs, base)
-        self._staging = SafetensorsWriter(temp_path(self.path, ".safetensors"), specs, base)
-        self._tmp = temp_path(self.path)
-
-    @property
-    def order(self) -> list[str]:
-        return self._staging.order
-
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        self._staging.write(name, tensor)
+        super().__init__(path, specs, base, **options)
 
     def commit(self, provenance: Mapping[str, Any]) -> list[Path]:
-        self._staging.commit({})
+        staged = self.staged()
         self._tmp.mkdir()
         try:
-            self._save_merged()
+            self._save_merged(staged)
         finally:
-            discard(self._staging.path)
+            discard(staged)
         self._copy_others()
         write_meta(self._tmp / META_FILE, self._meta(provenance))
         publish(self._tmp, self.path)
         return sorted(p for p in self.path.iterdir() if p.is_file())
 
-    def _save_merged(self) -> None:
+    def _save_merged(self, staged: Path) -> None:
         base: CheckpointerFolderReader = self.base  # type: ignore[assignment]
         for recoverable, names in base.merged.items():
             dest = self._tmp / f"{recoverable}{PARAM_SUFFIX}"
-            save_staged_state_dict(self._staging.path, names, dest, _without_prefix(f"{recoverable}."))
+            save_staged_state_dict(staged, names, dest, _without_prefix(f"{recoverable}."))
 
     def _copy_others(self) -> None:
         base: CheckpointerFolderReader = self.base  # type: ignore[assignment]
@@ -285,10 +276,6 @@ class CheckpointerFolderWriter(CheckpointWriter):
             PROVENANCE_KEY: json.loads(json.dumps({**provenance, "copied_recoverables": base.copied})),
         }
 
-    def abort(self) -> None:
-        self._staging.abort()
-        for p in (self._staging.path, self._tmp):
-            discard(p)
 
 
 def read_checkpointer_provenance(path: str | Path) -> dict[str, Any] | None:

@@ -99,21 +99,20 @@ def save_staged_state_dict(
         torch.save(wrap(state) if wrap else state, dest)
 
 
-class TorchWriter(CheckpointWriter):
-    """Streams tensors into a hidden safetensors file, then saves them with
-    ``torch.save`` from its memory map, so the merged model is never held in
-    private memory. A Lightning base yields a Lightning checkpoint (its training
-    state dropped, provenance under ``asr_merge_provenance``); otherwise a plain
-    state dict with a ``<output>.provenance.json`` beside it."""
+class StagedWriter(CheckpointWriter):
+    """Streams tensors into a hidden safetensors file beside the output, so the merged
+    model is never held in private memory; at commit a subclass saves them in its own
+    format from that file's memory map (:func:`save_staged_state_dict`) into ``_tmp``,
+    which it then publishes."""
+
+    describes = "this output kind"
 
     def __init__(self, path: Path, specs: Mapping[str, TensorSpec], base: CheckpointReader | None, **options: Any) -> None:
-        super().__init__(path, specs, base)
         if options.get("shard_size"):
-            raise CheckpointError(f"{path}: shard_size applies to safetensors output folders, not torch files")
+            raise CheckpointError(f"{path}: shard_size applies to safetensors output folders, not {self.describes}")
+        super().__init__(path, specs, base)
         self._staging = SafetensorsWriter(temp_path(self.path, ".safetensors"), specs, base)
         self._tmp = temp_path(self.path)
-        self._sidecar = self.path.with_name(self.path.name + ".provenance.json")
-        self._sidecar_tmp = temp_path(self._sidecar)
 
     @property
     def order(self) -> list[str]:
@@ -122,8 +121,31 @@ class TorchWriter(CheckpointWriter):
     def write(self, name: str, tensor: torch.Tensor) -> None:
         self._staging.write(name, tensor)
 
-    def commit(self, provenance: Mapping[str, Any]) -> list[Path]:
+    def staged(self) -> Path:
+        """Finish the staging file and return its path (the caller discards it)."""
         self._staging.commit({})
+        return self._staging.path
+
+    def abort(self) -> None:
+        self._staging.abort()
+        discard(self._staging.path)
+        discard(self._tmp)
+
+
+class TorchWriter(StagedWriter):
+    """A ``torch.save`` of the merged state dict. A Lightning base yields a Lightning
+    checkpoint (its training state dropped, provenance under ``asr_merge_provenance``);
+    otherwise a plain state dict with a ``<output>.provenance.json`` beside it."""
+
+    describes = "torch files"
+
+    def __init__(self, path: Path, specs: Mapping[str, TensorSpec], base: CheckpointReader | None, **options: Any) -> None:
+        super().__init__(path, specs, base, **options)
+        self._sidecar = self.path.with_name(self.path.name + ".provenance.json")
+        self._sidecar_tmp = temp_path(self._sidecar)
+
+    def commit(self, provenance: Mapping[str, Any]) -> list[Path]:
+        staged = self.staged()
         lightning = isinstance(self.base, TorchReader) and self.base.lightning
 
         def as_lightning(state: dict[str, torch.Tensor]) -> dict[str, Any]:
@@ -131,9 +153,9 @@ class TorchWriter(CheckpointWriter):
             return {**obj, "state_dict": state, LIGHTNING_PROVENANCE_KEY: json.dumps(provenance, sort_keys=True)}
 
         try:
-            save_staged_state_dict(self._staging.path, list(self.specs), self._tmp, as_lightning if lightning else None)
+            save_staged_state_dict(staged, list(self.specs), self._tmp, as_lightning if lightning else None)
         finally:
-            discard(self._staging.path)
+            discard(staged)
         if not lightning:
             self._sidecar_tmp.write_text(json.dumps(provenance, indent=2, sort_keys=True))
         publish(self._tmp, self.path)
@@ -143,7 +165,5 @@ class TorchWriter(CheckpointWriter):
         return [self.path, self._sidecar]
 
     def abort(self) -> None:
-        self._staging.abort()
-        discard(self._staging.path)
-        discard(self._tmp)
+        super().abort()
         discard(self._sidecar_tmp)
