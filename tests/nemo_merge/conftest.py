@@ -126,16 +126,12 @@ def tiny_nemo_experts(
     return paths
 
 
-def fine_tune(base: Path, manifest: Path, out: Path, seed: int, lr: float, work_dir: Path) -> None:
-    """Restore ``base``, train it ``EXPERT_STEPS`` steps on ``manifest``, save it to ``out``."""
+def cpu_trainer(max_steps: int, root: Path, callbacks: list | None = None):
+    """A quiet single-CPU Lightning trainer for a few steps, without validation or logging."""
     import lightning.pytorch as pl
-    import torch
-    from nemo.collections.asr.models import ASRModel
-    from omegaconf import open_dict
 
-    model = ASRModel.restore_from(str(base), map_location="cpu")
-    trainer = pl.Trainer(
-        max_steps=EXPERT_STEPS,
+    return pl.Trainer(
+        max_steps=max_steps,
         accelerator="cpu",
         devices=1,
         logger=False,
@@ -144,8 +140,19 @@ def fine_tune(base: Path, manifest: Path, out: Path, seed: int, lr: float, work_
         enable_model_summary=False,
         num_sanity_val_steps=0,
         limit_val_batches=0,
-        default_root_dir=str(work_dir),
+        default_root_dir=str(root),
+        callbacks=callbacks or [],
     )
+
+
+def fine_tune(base: Path, manifest: Path, out: Path, seed: int, lr: float, work_dir: Path) -> None:
+    """Restore ``base``, train it ``EXPERT_STEPS`` steps on ``manifest``, save it to ``out``."""
+    import torch
+    from nemo.collections.asr.models import ASRModel
+    from omegaconf import open_dict
+
+    model = ASRModel.restore_from(str(base), map_location="cpu")
+    trainer = cpu_trainer(EXPERT_STEPS, work_dir)
     # NeMo reads the scheduler's max_steps from the trainer it was given, not the one fitting it
     model.set_trainer(trainer)
     with open_dict(model.cfg):

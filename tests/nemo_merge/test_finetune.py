@@ -16,7 +16,6 @@ import yaml
 
 pytest.importorskip("nemo.collections.asr")
 
-import lightning.pytorch as pl  # noqa: E402
 from lightning.pytorch.callbacks import Callback  # noqa: E402
 from nemo.collections.asr.models import ASRModel  # noqa: E402
 from nemo.collections.asr.parts.submodules.causal_convs import CausalConv1D  # noqa: E402
@@ -28,6 +27,7 @@ from merge_core import Recipe, merge  # noqa: E402
 from merge_core.checkpoint import open_checkpoint  # noqa: E402
 from merge_core.errors import TrainingConfigError  # noqa: E402
 from merge_core.training.lora import Conv1dLora, lora_folded  # noqa: E402
+from tests.nemo_merge.conftest import cpu_trainer  # noqa: E402
 from merge_core.training.stlr import SlantedTriangularLR, slanted_triangular  # noqa: E402
 from nemo_merge.callbacks import (  # noqa: E402
     ExpertSetup,
@@ -60,19 +60,7 @@ def fit(base: Path, train_manifest: Path, root: Path, sections: dict, callbacks:
     """Restore ``base``, set ``sections`` (dotted keys: ``llrd``, ``lora``, ``optim.sched``, ...)
     in its config, and fit ``STEPS`` steps with ``callbacks``, as a user's own script would."""
     model = ASRModel.restore_from(str(base), map_location="cpu")
-    trainer = pl.Trainer(
-        max_steps=STEPS,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        default_root_dir=str(root),
-        callbacks=callbacks,
-    )
+    trainer = cpu_trainer(STEPS, root, callbacks)
     model.set_trainer(trainer)  # NeMo takes the scheduler's max_steps from the trainer it was given
     with open_dict(model.cfg):
         for key, value in sections.items():
