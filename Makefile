@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast bench clean
+.PHONY: demo demo-smoke test test-fast bench clean
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
@@ -19,8 +19,10 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/asr-merge merge configs/recipes/example_average.yaml
-	$(BIN)/asr-merge merge configs/recipes/example_ties.yaml
+	$(BIN)/asr-merge demo
+
+demo-smoke: $(STAMP)
+	$(BIN)/asr-merge demo --smoke
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

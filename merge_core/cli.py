@@ -8,6 +8,7 @@ import sys
 from typing import Sequence
 
 from merge_core.corpus import SIZES, prepare_librispeech, prepare_synthetic_corpus
+from merge_core.demo import TARGETS, run_demo
 from merge_core.engine import merge
 from merge_core.errors import EvaluationError, MergeError
 from merge_core.recipe import load_recipe, load_yaml_config
@@ -50,6 +51,26 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         raise EvaluationError(f"evaluating {toolkit} models needs its extra: pip install 'asr-merge[{toolkit}]' ({e})") from None
     module.evaluate(config, progress=not args.quiet)
     return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    # the toolkit's half lives in its adapter: merge_core itself never imports a toolkit
+    if args.toolkit == "nemo":
+        from nemo_merge.demo import NEMO as toolkit
+    else:
+        from speechbrain_merge.demo import SPEECHBRAIN as toolkit
+
+    summary = run_demo(
+        toolkit,
+        size=args.size,
+        out=args.out,
+        corpus=args.corpus,
+        generalist=args.generalist,
+        jobs=args.jobs,
+        seed=args.seed,
+        upweighted=args.upweight,
+    )
+    return 0 if all(claim["holds"] is not None for claim in summary["claims"]) else 1
 
 
 def _cmd_methods(args: argparse.Namespace) -> int:
@@ -115,6 +136,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--toolkit", choices=["nemo", "speechbrain", "both"], default="both")
     p.add_argument("--splits", nargs="+", help="split folders to prepare (default: all that hold transcripts)")
     p.set_defaults(run=_cmd_prepare_librispeech)
+    p = sub.add_parser(
+        "demo",
+        help="the AoDE demo: experts, merges and forgetting on the synthetic corpus",
+        description="Fine-tune one expert per target domain from the shipped NeMo generalist, merge them "
+        "(AoDE and the paper's variants, TIES, task arithmetic), and report WER per domain and forgetting.",
+    )
+    sizes = p.add_mutually_exclusive_group()
+    sizes.add_argument("--smoke", dest="size", action="store_const", const="smoke", help="minutes, for CI")
+    sizes.add_argument("--large", dest="size", action="store_const", const="large", help="hours, for a GPU")
+    p.set_defaults(size="default")
+    p.add_argument("--toolkit", choices=["nemo", "speechbrain"], default="nemo", help="whose models and training")
+    p.add_argument("--out", help="output folder (default outputs/demo/<size>)")
+    p.add_argument("--corpus", help="corpus folder, built there if incomplete (default <out>/corpus)")
+    p.add_argument("--generalist", help="the generalist checkpoint (default: the shipped models/nemo_generalist.nemo or "
+        "models/speechbrain_generalist/CKPT+generalist)")
+    p.add_argument("--jobs", type=int, help="experts trained in parallel (default: one per CPU core)")
+    p.add_argument("--upweight", default=TARGETS[0], choices=TARGETS, help="the domain up-weighted x4 in the re-weighted AoDE")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=_cmd_demo)
     p = sub.add_parser("methods", help="list merge methods and their default parameters")
     p.set_defaults(run=_cmd_methods)
     return parser

@@ -185,6 +185,6 @@ def _sizes(original: tuple[tuple[int, int], ...], target: tuple[tuple[int, int],
 # 2 CPU cores; large: tens of hours, for a GPU.
 SIZES = {
     "smoke": _sizes(((12, 3), (6, 2), (6, 2), (6, 2)), ((12, 3), (6, 2), (6, 2))),
-    "default": _sizes(((1000, 25), (80, 5), (120, 6), (120, 6)), ((240, 8), (40, 3), (80, 4))),
+    "default": _sizes(((3000, 25), (80, 5), (120, 6), (120, 6)), ((240, 8), (40, 3), (80, 4))),
     "large": _sizes(((20000, 60), (600, 10), (600, 10), (600, 12)), ((4000, 30), (300, 6), (300, 6))),
 }

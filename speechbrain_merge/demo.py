@@ -1,0 +1,138 @@
+"""The SpeechBrain half of the AoDE demo (:mod:`merge_core.demo`): the shipped generalist
+``models/speechbrain_generalist/`` and one expert's fine-tuning by a real ``Brain.fit``
+of the ``train_ctc`` recipe with :class:`~speechbrain_merge.brain.MergeableBrain`'s
+hparams keys (``llrd``, ``stlr``, ``lora``, ``export_path``), as a user's recipe gets
+them; evaluation by :func:`speechbrain_merge.evaluate.evaluate` on CSV manifests.
+
+The generalist folder holds ``CKPT+generalist/`` (``model`` and ``normalizer``),
+``tokenizer/`` and ``generalist.json``, whose ``hparams`` rebuild its architecture
+from ``configs/speechbrain/tiny_ctc.yaml`` (training) and ``tiny_ctc_inference.yaml``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import speechbrain_merge.checkpoint_io  # noqa: F401 (registers CKPT+ folders for merging)
+from merge_core.demo import DemoPlan, DemoToolkit, ExpertJob
+from speechbrain_merge.brain import MergeableBrain
+from speechbrain_merge.evaluate import evaluate
+from speechbrain_merge.recipes.train_ctc import CTCBrain, csv_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+GENERALIST = REPO / "models" / "speechbrain_generalist" / "CKPT+generalist"
+TRAIN_HPARAMS = REPO / "configs" / "speechbrain" / "tiny_ctc.yaml"
+INFERENCE_HPARAMS = REPO / "configs" / "speechbrain" / "tiny_ctc_inference.yaml"
+KEPT = ["model", "normalizer"]  # the generalist's recoverables: every expert exports these
+LLRD = {"decay": 0.9, "layer_pattern": r"^Transformer\.encoder\.layers\.(\d+)\."}
+# the paper's LoRA where SpeechBrain's Conformer has linear or convolution modules: the
+# feed-forward blocks and the convolution module, depthwise convolution included
+LORA = {
+    "r": 16,
+    "target_modules": r"Transformer\.encoder\.layers\.\d+\.(convolution_module\.(bottleneck\.0|conv|after_conv\.2)"
+    r"|ffn_module[12]\.1\.ffn\.[03])",
+}
+STLR = {"cut_frac": 0.1, "ratio": 32.0}
+
+
+class ExpertBrain(MergeableBrain, CTCBrain):
+    """The recipe's Brain with the fine-tuning keys: the one-line change a user makes."""
+
+
+def generalist_hparams(generalist: Path) -> dict[str, Any]:
+    """The architecture overrides recorded beside the generalist checkpoint."""
+    return json.loads((generalist.parent / "generalist.json").read_text(encoding="utf-8"))["hparams"]
+
+
+def tokenizer_file(generalist: Path) -> Path:
+    return next((generalist.parent / "tokenizer").glob("*.model"))
+
+
+def csv_rows(path: Path) -> int:
+    with open(path, encoding="utf-8") as f:
+        return sum(1 for _ in f) - 1
+
+
+def expert_hparams(plan: DemoPlan, job: ExpertJob, work_dir: Path) -> dict[str, Any]:
+    """The recipe's hparams for one expert, with the fine-tuning keys MergeableBrain reads."""
+    from hyperpyyaml import load_hyperpyyaml
+
+    from speechbrain_merge.training import SlantedTriangularSchedule
+
+    size, domain = plan.size, job.chain[-1]
+    train_csv = plan.manifest(domain, "train")
+    # SpeechBrain counts epochs, not steps: the smoke size's step limit does not apply
+    steps = size.epochs * math.ceil(csv_rows(train_csv) / size.batch_size)
+    overrides = {
+        **generalist_hparams(plan.generalist),
+        "output_folder": str(work_dir),
+        "data_root": str(plan.corpus),
+        "train_csv": str(train_csv),
+        "valid_csv": str(plan.manifest(domain, "dev")),
+        "tokenizer_folder": str(tokenizer_file(plan.generalist).parent),
+        "number_of_epochs": size.epochs,
+        "batch_size": size.batch_size,
+        "lr": size.lora_lr if job.lora else size.lr,
+        "seed": plan.seed,
+    }
+    with open(TRAIN_HPARAMS, encoding="utf-8") as f:
+        hparams = load_hyperpyyaml(f, overrides)
+    hparams.update(
+        llrd=LLRD,
+        stlr=SlantedTriangularSchedule(max_steps=steps, **STLR),
+        export_path=str(work_dir / "export"),
+        export_recoverables=KEPT,
+    )
+    if job.lora:
+        hparams["lora"] = LORA
+    return hparams
+
+
+def train_expert(plan: DemoPlan, job: ExpertJob, threads: int) -> Path:
+    """Fine-tune one expert in this process: the parent's weights and feature statistics,
+    ``Brain.fit`` on the domain's training CSV, the exported ``CKPT+`` folder renamed
+    into place (so a folder that exists is whole)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    work_dir = plan.out / "work" / job.name
+    hparams = expert_hparams(plan, job, work_dir)
+    init = plan.init_of(job)
+    hparams["model"].load_state_dict(torch.load(init / "model.ckpt", map_location="cpu", weights_only=True))
+    hparams["normalize"]._load(init / "normalizer.ckpt")
+    brain = ExpertBrain(modules=hparams["modules"], opt_class=hparams["opt_class"], hparams=hparams,
+                        run_opts={"device": "cpu", "noprogressbar": True}, checkpointer=hparams["checkpointer"])
+    brain.tokenizer = hparams["tokenizer"].sp
+    train = csv_dataset(hparams["train_csv"], hparams, brain.tokenizer)
+    # no validation set: the demo evaluates every model on the test sets afterwards
+    brain.fit(hparams["epoch_counter"], train, None, train_loader_kwargs=hparams["train_dataloader_opts"])
+    exported = max((work_dir / "export").glob("CKPT+*"), key=os.path.getmtime)
+    dest = plan.expert_path(job)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    os.rename(exported, dest)
+    return dest
+
+
+def evaluate_demo(plan: DemoPlan, config: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Path]]:
+    """The demo's evaluation with the generalist's architecture and tokenizer."""
+    return evaluate({
+        **config,
+        "hparams": str(INFERENCE_HPARAMS),
+        "hparams_overrides": {**generalist_hparams(plan.generalist), "tokenizer_file": str(tokenizer_file(plan.generalist))},
+        "data_root": str(plan.corpus),
+    })
+
+
+SPEECHBRAIN = DemoToolkit(
+    name="speechbrain",
+    generalist=GENERALIST,
+    prefix="CKPT+",
+    suffix="",
+    train_expert=train_expert,
+    evaluate=evaluate_demo,
+    fingerprint={"hparams": TRAIN_HPARAMS.read_text(encoding="utf-8"), "llrd": LLRD, "lora": LORA, "stlr": STLR},
+)
