@@ -13,7 +13,7 @@
    the numbers.
 
 A toolkit adapter supplies a :class:`DemoToolkit`: its generalist, how it fine-tunes one
-expert, and its evaluation (``nemo_merge.demo.NEMO``).
+expert, and its evaluation (``nemo_merge.demo.NEMO``, ``speechbrain_merge.demo.SPEECHBRAIN``).
 
 Experts are keyed by a hash of everything that shapes them (generalist, domains in
 order, LoRA, size settings, seed, fine-tuning config), so a rerun reuses finished ones;
@@ -30,14 +30,13 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
-
-from typing import Callable
+from typing import Any, Callable
 
 from tqdm import tqdm
 
 from merge_core.corpus import DOMAINS, prepare_librispeech, prepare_synthetic_corpus
 from merge_core.corpus.domains import ORIGINAL
+from merge_core.corpus.files import write_text_atomically
 from merge_core.corpus.librispeech import manifest_name
 from merge_core.engine import merge
 from merge_core.provenance import file_sha256
@@ -53,7 +52,7 @@ class DemoSize:
 
     corpus: str
     epochs: int
-    max_steps: int  # -1: as many as the epochs take
+    max_steps: int  # -1: as many as the epochs take (NeMo only: SpeechBrain counts epochs)
     batch_size: int
     lr: float  # the top encoder layer's peak rate (LLRD scales the others)
     lora_lr: float
@@ -185,7 +184,8 @@ def merge_recipes(plan: DemoPlan) -> dict[str, dict[str, Any]]:
         "task arithmetic": {"method": "task_arithmetic", "models": experts, "parameters": {"lambda": 0.4}},
     }
     for i, (name, recipe) in enumerate(recipes.items()):
-        recipe.update(base_model=base, output=str(plan.out / "merged" / f"{plan.toolkit.prefix}{i}-{name.replace(' ', '_')}{plan.toolkit.suffix}"))
+        file_name = f"{plan.toolkit.prefix}{i}-{name.replace(' ', '_')}{plan.toolkit.suffix}"
+        recipe.update(base_model=base, output=str(plan.out / "merged" / file_name))
     return recipes
 
 
@@ -270,7 +270,7 @@ def run_demo(
         "report": {kind: str(path) for kind, path in files.items()},
         "claims": check_claims(report, upweighted),
     }
-    (out / "demo.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    write_text_atomically(out / "demo.json", json.dumps(summary, indent=2) + "\n")
     for claim in summary["claims"]:
         print(f"[{'holds' if claim['holds'] else 'FAILS'}] {claim['claim']}: {claim['numbers']}")
     print(f"demo ({size}) finished in {summary['seconds']:.0f} s; report in {out / 'report'}")

@@ -24,6 +24,7 @@ from omegaconf import open_dict
 
 from merge_core.checkpoint.atomic import publish
 from merge_core.corpus import prepare_librispeech
+from merge_core.corpus.files import write_text_atomically
 from nemo_merge.evaluate import evaluate
 from nemo_merge.models import build_model, train_tokenizer
 
@@ -90,7 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     pl.seed_everything(args.seed)
-    with tempfile.TemporaryDirectory(prefix="pretrain-") as tmp:
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    # beside the output, so that publishing it is a rename on one file system
+    with tempfile.TemporaryDirectory(prefix=".pretrain-", dir=args.out.parent) as tmp:
         work = Path(tmp)
         data = manifests(args.corpus, work / "manifests")
         model = train(args, data, work)
@@ -105,7 +108,6 @@ def main(argv: list[str] | None = None) -> int:
                 "cache": False,
             }
         )
-        args.out.parent.mkdir(parents=True, exist_ok=True)
         publish(staged, args.out)
         summary = {
             "model": args.out.name,
@@ -115,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
             "wer": report["models"][0]["wer"],
             "command": " ".join(["python", "recipes/pretrain_generalist/pretrain_nemo.py", *(argv or sys.argv[1:])]),
         }
-    args.out.with_suffix(".json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    write_text_atomically(args.out.with_suffix(".json"), json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary, indent=2))
     return 0
 

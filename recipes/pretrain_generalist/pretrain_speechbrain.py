@@ -92,7 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
     args.corpus = args.corpus.resolve()
-    with tempfile.TemporaryDirectory(prefix="pretrain-sb-") as tmp:
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    # beside the output, so that publishing it is a rename on one file system
+    with tempfile.TemporaryDirectory(prefix=".pretrain-", dir=args.out.parent) as tmp:
         work = Path(tmp)
         written = prepare_librispeech(args.corpus / "LibriSpeech", work / "manifests", toolkit="speechbrain")
         csvs = {split: paths["speechbrain"] for split, paths in written.items()}
@@ -118,7 +120,6 @@ def main(argv: list[str] | None = None) -> int:
             "command": " ".join(["python", "recipes/pretrain_generalist/pretrain_speechbrain.py", *(argv or sys.argv[1:])]),
         }
         (staged / "generalist.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-        args.out.parent.mkdir(parents=True, exist_ok=True)
         publish(staged, args.out)
     print(json.dumps(summary, indent=2))
     return 0
