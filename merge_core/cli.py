@@ -11,7 +11,10 @@ from merge_core.corpus import SIZES, prepare_librispeech, prepare_synthetic_corp
 from merge_core.demo import TARGETS, run_demo
 from merge_core.engine import merge
 from merge_core.errors import EvaluationError, MergeError
-from merge_core.recipe import load_recipe, load_yaml_config
+from merge_core.mam import DEFAULTS as MAM_DEFAULTS
+from merge_core.mam import METHOD as MAM
+from merge_core.mam import MamRecipe, load_any_recipe, run_mam
+from merge_core.recipe import load_yaml_config
 from merge_core.registry import available_methods, get_method
 
 # Imported when present so `asr-merge merge` reads their checkpoint kinds too.
@@ -27,8 +30,9 @@ def _load_adapters() -> None:
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
-    recipe = load_recipe(args.recipe, args.overrides)
-    result = merge(recipe, progress=not args.quiet)
+    recipe = load_any_recipe(args.recipe, args.overrides)
+    # MAM merges two different architectures, so it has its own streaming loop
+    result = run_mam(recipe) if isinstance(recipe, MamRecipe) else merge(recipe, progress=not args.quiet)
     print(
         f"wrote {result.output} ({result.merged} tensors merged by {recipe.method}, "
         f"{result.copied} copied) in {result.seconds:.1f} s"
@@ -77,6 +81,7 @@ def _cmd_methods(args: argparse.Namespace) -> int:
     for name in available_methods():
         defaults = ", ".join(f"{k}={v}" for k, v in get_method(name).defaults.items()) or "-"
         print(f"{name:16s} {defaults}")
+    print(f"{MAM:16s} {', '.join(f'{k}={v}' for k, v in MAM_DEFAULTS.items())} (own recipe keys: see merge_core.mam)")
     return 0
 
 

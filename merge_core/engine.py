@@ -214,18 +214,57 @@ class MergeResult:
     provenance: dict[str, Any]
 
 
-def _input_records(recipe: Recipe, inputs: Inputs, digests: dict[Path, str]) -> list[dict[str, Any]]:
+# (role, reader, weight or None): one input of a merge, as its provenance records it
+InputRole = tuple[str, CheckpointReader, float | None]
+
+
+def input_roles(recipe: Recipe, inputs: Inputs) -> list[InputRole]:
+    """The base (with its weight when it is a member) and each model with its weight."""
+    roles = [("base", recipe.base_weight if recipe.include_base else None)] if inputs.base is not None else []
+    roles += [("model", m.weight) for m in recipe.models]
+    return [(role, reader, weight) for (role, weight), reader in zip(roles, inputs.all())]
+
+
+def input_records(roles: list[InputRole], digests: dict[Path, str]) -> list[dict[str, Any]]:
+    """Each input's provenance: role, path, kind, weight and files with their SHA-256."""
     records = []
-    roles = ([("base", recipe.base_weight if recipe.include_base else None)] if inputs.base is not None else []) + [
-        ("model", m.weight) for m in recipe.models
-    ]
-    for (role, weight), reader in zip(roles, inputs.all()):
+    for role, reader, weight in roles:
         files = [{"path": str(f), "bytes": f.stat().st_size, "sha256": digests.get(f)} for f in reader.files()]
         record = {"role": role, "path": str(reader.path), "kind": reader.kind, "files": files}
         if weight is not None:
             record["weight"] = weight
         records.append(record)
     return records
+
+
+def write_stream(
+    output: Path,
+    recipe: dict[str, Any],
+    roles: list[InputRole],
+    template: CheckpointReader,
+    tensors: dict[str, Any],
+    stream: Callable[[list[str]], Iterator[tuple[str, torch.Tensor]]],
+    *,
+    hash_inputs: bool = True,
+    shard_size: int | None = None,
+) -> tuple[list[Path], dict[str, Any]]:
+    """Write ``stream(order)``'s tensors into ``output`` with ``template``'s names, shapes
+    and layout, hashing the inputs meanwhile, and publish it with its provenance.
+    Returns the files written and the provenance record."""
+    hashed = [f for _, reader, _ in roles for f in reader.files()] if hash_inputs else []
+    pool, pending = hash_in_background(hashed)
+    try:
+        placeholder = provenance_record(recipe, input_records(roles, {p: "0" * 64 for p in pending}), tensors)
+        specs: dict[str, TensorSpec] = {name: template.spec(name) for name in template.keys()}
+        reserve = len(json.dumps(placeholder)) + 1024
+        with create_writer(output, specs, template, shard_size=shard_size, provenance_reserve=reserve) as writer:
+            for name, tensor in stream(writer.order):
+                writer.write(name, tensor)
+            digests = {path: future.result() for path, future in pending.items()}
+            record = provenance_record(recipe, input_records(roles, digests), tensors)
+            return writer.commit(record), record
+    finally:
+        pool.shutdown(cancel_futures=True)
 
 
 def _tensor_record(recipe: Recipe, inputs: Inputs, actions: dict[str, str]) -> dict[str, Any]:
@@ -245,30 +284,18 @@ def merge(recipe: Recipe, *, progress: bool = True) -> MergeResult:
     output = Path(recipe.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     with open_inputs(recipe) as inputs:
-        template = inputs.template
-        actions = plan_actions(recipe, template)
-        hashed = [f for r in inputs.all() for f in r.files()] if recipe.hash_inputs else []
-        pool, pending = hash_in_background(hashed)
-        try:
-            tensors = _tensor_record(recipe, inputs, actions)
-            placeholder = provenance_record(
-                recipe.to_dict(), _input_records(recipe, inputs, {p: "0" * 64 for p in pending}), tensors
-            )
-            specs: dict[str, TensorSpec] = {name: template.spec(name) for name in template.keys()}
-            with create_writer(
-                output,
-                specs,
-                template,
-                shard_size=recipe.shard_size,
-                provenance_reserve=len(json.dumps(placeholder)) + 1024,
-            ) as writer:
-                for name, tensor in iter_merged(recipe, inputs, writer.order, progress=progress):
-                    writer.write(name, tensor)
-                digests = {path: future.result() for path, future in pending.items()}
-                record = provenance_record(recipe.to_dict(), _input_records(recipe, inputs, digests), tensors)
-                files = writer.commit(record)
-        finally:
-            pool.shutdown(cancel_futures=True)
+        actions = plan_actions(recipe, inputs.template)
+        tensors = _tensor_record(recipe, inputs, actions)
+        files, record = write_stream(
+            output,
+            recipe.to_dict(),
+            input_roles(recipe, inputs),
+            inputs.template,
+            tensors,
+            lambda order: iter_merged(recipe, inputs, order, progress=progress),
+            hash_inputs=recipe.hash_inputs,
+            shard_size=recipe.shard_size,
+        )
     return MergeResult(
         output=output,
         files=files,

@@ -1,0 +1,118 @@
+"""L-MAM (seed 003, Eq. 3): learn a per-layer interpolation factor while fine-tuning.
+
+Each mapped attention tensor of the target model becomes, through a
+``torch.nn.utils.parametrize`` parametrization,
+
+    W_i = lambda_i * W_s,i + (1 - lambda_i) * W_t,i                      (3)
+
+with W_t,i the module's own (trainable) tensor, W_s,i a frozen buffer copied from the
+source model, and lambda_i one trainable scalar shared by layer i's Q, K and V.
+
+lambda_i = sigmoid(a_i) for a trainable logit a_i. A sigmoid rather than a clamp:
+it keeps lambda_i inside [0, 1] whatever an optimizer step does, and its gradient
+never vanishes exactly, whereas a clamped lambda that reaches 0 or 1 gets zero
+gradient and can never come back. The price is that 0 and 1 themselves are only
+approached, so ``init_lambda`` must lie strictly inside (0, 1).
+
+:func:`fold_lmam` bakes the learned W_i into plain tensors, so the exported state dict
+has exactly the original model's keys and loads into an unmodified model.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable, Mapping
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from merge_core.errors import TensorMismatchError, TrainingConfigError
+from merge_core.name_map import map_tensors, resolve_name_map
+
+
+class AttentionInterpolation(nn.Module):
+    """The parametrization W_t -> lambda * W_s + (1 - lambda) * W_t (Eq. 3)."""
+
+    def __init__(self, source: torch.Tensor, logit: nn.Parameter) -> None:
+        super().__init__()
+        self.register_buffer("source", source.detach().clone())
+        self.logit = logit  # shared by the layer's Q/K/V parametrizations
+
+    @property
+    def lam(self) -> torch.Tensor:
+        """lambda_i = sigmoid(a_i), always in [0, 1]."""
+        return torch.sigmoid(self.logit)
+
+    def forward(self, target: torch.Tensor) -> torch.Tensor:
+        return torch.lerp(target, self.source.to(target.dtype), self.lam.to(target.dtype))
+
+
+def _initial_logit(init_lambda: float) -> float:
+    if not 0.0 < init_lambda < 1.0:
+        raise TrainingConfigError(f"L-MAM init_lambda must lie strictly inside (0, 1) (lambda is a sigmoid), got {init_lambda}")
+    return math.log(init_lambda / (1.0 - init_lambda))
+
+
+def _split(name: str) -> tuple[str, str]:
+    module, _, attribute = name.rpartition(".")
+    return module, attribute
+
+
+def apply_lmam(
+    model: nn.Module,
+    source_state: Mapping[str, torch.Tensor],
+    name_map: str | Mapping[str, str],
+    layers: Iterable[int] | None = None,
+    init_lambda: float = 0.1,
+) -> dict[int, nn.Parameter]:
+    """Parametrize ``model``'s mapped attention tensors as Eq. 3; returns the logits a_i by layer.
+
+    ``name_map`` is a built-in map's name or ``{source_pattern: target_pattern}`` (see
+    :mod:`merge_core.name_map`); ``layers`` restricts the layers (default: all mapped).
+    The logits are registered in the model, so ``model.parameters()`` hands them to
+    the optimizer with everything else.
+    """
+    target_state = model.state_dict()
+    pairs = map_tensors(resolve_name_map(name_map), list(source_state), list(target_state), "source state", "model")
+    chosen = None if layers is None else set(layers)
+    logit = _initial_logit(init_lambda)
+    logits: dict[int, nn.Parameter] = {}
+    for pair in pairs:
+        if chosen is not None and pair.layer not in chosen:
+            continue
+        source, target = source_state[pair.source], target_state[pair.target]
+        if source.shape != target.shape:
+            raise TensorMismatchError(
+                f"source tensor {pair.source!r} has shape {tuple(source.shape)}, model tensor {pair.target!r} has {tuple(target.shape)}"
+            )
+        if pair.layer not in logits:
+            logits[pair.layer] = nn.Parameter(torch.tensor(logit, dtype=target.dtype, device=target.device))
+        module, attribute = _split(pair.target)
+        parametrize.register_parametrization(
+            model.get_submodule(module), attribute, AttentionInterpolation(source.to(target.device), logits[pair.layer])
+        )
+    return logits
+
+
+def lmam_lambdas(model: nn.Module) -> dict[str, float]:
+    """The current lambda of every parametrized tensor, by its original state-dict name."""
+    return {
+        f"{module_name}.{attribute}".lstrip("."): float(p.lam.detach())
+        for module_name, module in model.named_modules()
+        if parametrize.is_parametrized(module)
+        for attribute, plist in module.parametrizations.items()
+        for p in plist
+        if isinstance(p, AttentionInterpolation)
+    }
+
+
+def fold_lmam(model: nn.Module) -> nn.Module:
+    """Replace every L-MAM parametrization by its current value W_i (in place); returns ``model``."""
+    for module in list(model.modules()):
+        if not parametrize.is_parametrized(module):
+            continue
+        for attribute in list(module.parametrizations):
+            if any(isinstance(p, AttentionInterpolation) for p in module.parametrizations[attribute]):
+                parametrize.remove_parametrizations(module, attribute, leave_parametrized=True)
+    return model
