@@ -36,6 +36,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/nemo_eval_bench.py
 	$(BIN)/python benchmarks/nemo_train_overhead.py
 	$(BIN)/python benchmarks/sb_merge_bench.py
+	$(BIN)/python benchmarks/greedy_cost.py
 
 clean:
 	rm -rf $(VENV)

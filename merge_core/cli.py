@@ -16,6 +16,9 @@ from merge_core.mam import METHOD as MAM
 from merge_core.mam import MamRecipe, load_any_recipe, run_mam
 from merge_core.recipe import load_yaml_config
 from merge_core.registry import available_methods, get_method
+from merge_core.soup import DEFAULTS as SOUP_DEFAULTS
+from merge_core.soup import METHOD as GREEDY_SOUP
+from merge_core.soup import load_soup_recipe, run_greedy_soup
 
 # Imported when present so `asr-merge merge` reads their checkpoint kinds too.
 _ADAPTERS = ("nemo_merge", "speechbrain_merge")
@@ -30,12 +33,26 @@ def _load_adapters() -> None:
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
+    # a greedy soup scores candidates on a dev set: the same run as `asr-merge select`
+    if load_yaml_config(args.recipe, args.overrides).get("method") == GREEDY_SOUP:
+        return _cmd_select(args)
     recipe = load_any_recipe(args.recipe, args.overrides)
     # MAM merges two different architectures, so it has its own streaming loop
     result = run_mam(recipe) if isinstance(recipe, MamRecipe) else merge(recipe, progress=not args.quiet)
     print(
         f"wrote {result.output} ({result.merged} tensors merged by {recipe.method}, "
         f"{result.copied} copied) in {result.seconds:.1f} s"
+    )
+    return 0
+
+
+def _cmd_select(args: argparse.Namespace) -> int:
+    recipe = load_soup_recipe(args.recipe, args.overrides)
+    result = run_greedy_soup(recipe, progress=not args.quiet)
+    selection = result.provenance["tensors"]["selection"]
+    print(
+        f"wrote {result.output} (greedy soup of {len(selection['kept'])} of {len(recipe.candidates.models)} "
+        f"candidates, dev WER {100 * selection['dev_wer']:.2f}%; trials in {recipe.dev.log}) in {result.seconds:.1f} s"
     )
     return 0
 
@@ -82,6 +99,7 @@ def _cmd_methods(args: argparse.Namespace) -> int:
         defaults = ", ".join(f"{k}={v}" for k, v in get_method(name).defaults.items()) or "-"
         print(f"{name:16s} {defaults}")
     print(f"{MAM:16s} {', '.join(f'{k}={v}' for k, v in MAM_DEFAULTS.items())} (own recipe keys: see merge_core.mam)")
+    print(f"{GREEDY_SOUP:16s} {', '.join(f'{k}={v}' for k, v in SOUP_DEFAULTS.items())} (needs a 'dev' section: see merge_core.soup)")
     return 0
 
 
@@ -108,6 +126,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. parameters.density=0.3 models.0.weight=2")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=_cmd_merge)
+    p = sub.add_parser(
+        "select",
+        help="greedy selective merging (SMAcT): keep a candidate only if the soup's dev WER drops",
+        description="Run a 'method: greedy_soup' recipe: try the candidates one at a time (in the given order or "
+        "by their own dev WER), keep each only if the uniform average's dev WER strictly drops, log every trial, "
+        "and write the selected soup like `asr-merge merge` writes a merge.",
+    )
+    p.add_argument("recipe", help="greedy_soup recipe YAML file")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. parameters.order=by_dev_wer dev.max_utterances=100")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=_cmd_select)
     p = sub.add_parser("eval", help="evaluate models and forgetting on test manifests", description="Evaluate WER per test set and forgetting (report.json, report.md, report.png).")
     p.add_argument("config", help="evaluation config YAML (e.g. configs/nemo/eval.yaml)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. models.1.model=merged.nemo")

@@ -15,18 +15,25 @@ gradient and can never come back. The price is that 0 and 1 themselves are only
 approached, so ``init_lambda`` must lie strictly inside (0, 1).
 
 :func:`fold_lmam` bakes the learned W_i into plain tensors, so the exported state dict
-has exactly the original model's keys and loads into an unmodified model.
+has exactly the original model's keys and loads into an unmodified model;
+:func:`lmam_folded` does so for the duration of a ``with`` block (export mid-training).
+The toolkits switch L-MAM on with an ``lmam`` config section (:class:`LmamSettings`):
+``model.lmam`` in NeMo (:mod:`nemo_merge.lmam`), the ``lmam`` hparams key of
+:class:`speechbrain_merge.brain.MergeableBrain`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Iterable, Mapping
+from dataclasses import dataclass, fields
+from typing import Any, Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from merge_core.checkpoint import open_checkpoint
 from merge_core.errors import TensorMismatchError, TrainingConfigError
 from merge_core.name_map import map_tensors, resolve_name_map
 
@@ -116,3 +123,83 @@ def fold_lmam(model: nn.Module) -> nn.Module:
             if any(isinstance(p, AttentionInterpolation) for p in module.parametrizations[attribute]):
                 parametrize.remove_parametrizations(module, attribute, leave_parametrized=True)
     return model
+
+
+@contextlib.contextmanager
+def lmam_folded(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block ``model``'s L-MAM tensors are folded as by :func:`fold_lmam` (for
+    saving or snapshotting mid-training); on exit the parametrizations, the trainable
+    tensors W_t (the same ``Parameter`` objects, so optimizers keep them) and their values
+    are put back bit for bit. A model without L-MAM passes through unchanged."""
+    undos = []
+    for module in list(model.modules()):
+        if not parametrize.is_parametrized(module):
+            continue
+        for attribute in list(module.parametrizations):
+            plist = module.parametrizations[attribute]
+            if any(isinstance(p, AttentionInterpolation) for p in plist):
+                undos.append((module, attribute, list(plist), plist.original, plist.original.detach().clone()))
+    fold_lmam(model)
+    try:
+        yield model
+    finally:
+        for module, attribute, parametrizations, original, value in undos:
+            # remove_parametrizations wrote W_i into W_t's storage; W_t comes back first,
+            # and registering in the original order keeps the state dict's key order
+            with torch.no_grad():
+                original.copy_(value)
+            for parametrization in parametrizations:
+                parametrize.register_parametrization(module, attribute, parametrization)
+
+
+@dataclass(frozen=True)
+class LmamSettings:
+    """An ``lmam`` config section: the frozen source, the name map, the layers, lambda's start."""
+
+    source_model: str
+    name_map: str | dict[str, str]
+    layers: tuple[int, ...] | None = None
+    init_lambda: float = 0.1
+
+    @classmethod
+    def from_mapping(cls, section: Mapping[str, Any], default_name_map: str | None = None) -> "LmamSettings":
+        """Validate a config section ``{source_model, name_map, layers, init_lambda}``;
+        ``default_name_map`` stands in for a missing ``name_map`` (the toolkit's built-in)."""
+        unknown = sorted(set(section) - {f.name for f in fields(cls)})
+        if unknown:
+            raise TrainingConfigError(f"lmam: unknown key(s) {unknown}; it accepts: {', '.join(f.name for f in fields(cls))}")
+        if not section.get("source_model"):
+            raise TrainingConfigError("lmam: source_model (the checkpoint whose attention is merged in) is required")
+        name_map = section.get("name_map") or default_name_map
+        if name_map is None:
+            raise TrainingConfigError("lmam: name_map is required (a built-in map's name or {source: target} patterns)")
+        layers = section.get("layers")
+        if layers is not None and (
+            not isinstance(layers, (list, tuple)) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers)
+        ):
+            raise TrainingConfigError(f"lmam.layers must be a list of layer indices >= 0 or null, got {layers!r}")
+        init_lambda = section.get("init_lambda", cls.init_lambda)
+        _initial_logit(float(init_lambda))
+        resolved = resolve_name_map(name_map if isinstance(name_map, str) else dict(name_map))
+        return cls(
+            source_model=str(section["source_model"]),
+            name_map=name_map if isinstance(name_map, str) else resolved,
+            layers=None if layers is None else tuple(layers),
+            init_lambda=float(init_lambda),
+        )
+
+
+def apply_lmam_from_checkpoint(model: nn.Module, settings: LmamSettings) -> dict[int, nn.Parameter]:
+    """:func:`apply_lmam` with the source tensors read from ``settings.source_model`` (any
+    checkpoint kind ``asr-merge`` reads); only the mapped tensors are loaded."""
+    with open_checkpoint(settings.source_model) as source:
+        pairs = map_tensors(
+            resolve_name_map(settings.name_map), source.keys(), list(model.state_dict()), f"source {source.path}", "model"
+        )
+        source_state = {pair.source: source.get(pair.source) for pair in pairs}
+    return apply_lmam(model, source_state, settings.name_map, settings.layers, settings.init_lambda)
+
+
+def has_lmam(model: nn.Module) -> bool:
+    """Whether ``model`` holds L-MAM parametrizations."""
+    return bool(lmam_lambdas(model))

@@ -5,3 +5,4 @@ that part needs no NeMo import, so ``asr-merge merge`` on ``.nemo`` files starts
 """
 
 from nemo_merge import nemo_io  # noqa: F401  (registers the .nemo kind)
+from nemo_merge import select  # noqa: F401  (registers the greedy-soup dev evaluator; imports NeMo only when used)

@@ -6,7 +6,7 @@ Listed in the trainer config, they need no change to the model class:
 
     trainer:
       callbacks:
-        - {_target_: nemo_merge.callbacks.ExpertSetup}      # applies model.lora, model.llrd
+        - {_target_: nemo_merge.callbacks.ExpertSetup}      # applies model.lora, model.lmam, model.llrd
         - {_target_: nemo_merge.callbacks.ExportExpert, path: expert.nemo}
         - {_target_: nemo_merge.callbacks.ExportBestExpert, path: best.nemo, monitor: val_wer}
         - {_target_: nemo_merge.callbacks.TrajectorySnapshots, dirpath: snapshots, every_n_train_steps: 1000}
@@ -17,7 +17,8 @@ NeMo 3.0's ``resolve_trainer_cfg`` instantiates ``trainer.callbacks`` only throu
 :func:`resolve_trainer_cfg` instead (``nemo_merge.finetune`` does). The callbacks
 coexist with ``exp_manager``'s checkpointing and EMA: exports and snapshots only read
 the model and write their own files; with LoRA, ``exp_manager``'s ``.nemo`` files are
-folded too, while its ``.ckpt`` files keep the LoRA layers for resuming. Importing this
+folded too, while its ``.ckpt`` files keep the LoRA layers for resuming; the same holds
+for L-MAM (``model.lmam``). Importing this
 module registers the ``SlantedTriangular`` scheduler.
 """
 
@@ -37,8 +38,9 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from merge_core.checkpoint.atomic import discard, publish, temp_path
 from merge_core.errors import TrainingConfigError
-from merge_core.training.lora import lora_folded
+from merge_core.training.folding import plain_weights
 from merge_core.training.snapshots import snapshot_name, write_weights_snapshot
+from nemo_merge.lmam import LMAM_KEY, apply_lmam_from_config, lmam_summary
 from nemo_merge.lora import LORA_KEY, apply_lora_from_config
 from nemo_merge.optim import LLRD_KEY, install_llrd, param_group_summary
 
@@ -46,21 +48,28 @@ TRUSTED_TARGET_PREFIX = "nemo_merge.callbacks."
 
 
 class ExpertSetup(Callback):
-    """Applies ``model.lora`` and ``model.llrd`` before Lightning builds the optimizer
-    (in ``setup``, which runs before ``configure_optimizers``) and logs each optimizer
-    group's learning rate when fitting starts.
+    """Applies ``model.lora``, ``model.lmam`` and ``model.llrd`` before Lightning builds
+    the optimizer (in ``setup``, which runs before ``configure_optimizers``), logs each
+    optimizer group's learning rate when fitting starts and L-MAM's lambdas after
+    every epoch.
 
     Parameters
     ----------
-    llrd, lora : mapping, optional
+    llrd, lora, lmam : mapping, optional
         The sections themselves, for scripts whose model config never sees the
         fine-tuning config's ``model`` keys (NeMo's ``speech_to_text_finetune.py``
         restores the model from a ``.nemo``); written into ``model.cfg`` (replacing a
         section there), so the exported expert records them.
     """
 
-    def __init__(self, llrd: Mapping[str, Any] | None = None, lora: Mapping[str, Any] | None = None) -> None:
-        self.sections = {key: dict(value) for key, value in ((LLRD_KEY, llrd), (LORA_KEY, lora)) if value is not None}
+    def __init__(
+        self,
+        llrd: Mapping[str, Any] | None = None,
+        lora: Mapping[str, Any] | None = None,
+        lmam: Mapping[str, Any] | None = None,
+    ) -> None:
+        given = ((LLRD_KEY, llrd), (LORA_KEY, lora), (LMAM_KEY, lmam))
+        self.sections = {key: dict(value) for key, value in given if value is not None}
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
@@ -72,12 +81,18 @@ class ExpertSetup(Callback):
             trainable = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
             total = sum(p.numel() for p in pl_module.parameters())
             logging.info(f"LoRA: {trainable} of {total} parameters train")
+        if apply_lmam_from_config(pl_module):
+            logging.info(f"L-MAM: {lmam_summary(pl_module)}")
         install_llrd(pl_module)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         for optimizer in trainer.optimizers:
             for line in param_group_summary(optimizer):
                 logging.info(f"optimizer group {line}")
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if pl_module.cfg.get(LMAM_KEY) is not None:
+            logging.info(f"L-MAM after epoch {trainer.current_epoch}: {lmam_summary(pl_module)}")
 
 
 def export_expert(model: Any, path: str | Path) -> Path:
@@ -196,7 +211,7 @@ class TrajectorySnapshots(Callback):
         if not trainer.is_global_zero:
             return
         metadata = {"global_step": str(trainer.global_step), "epoch": str(trainer.current_epoch)}
-        with lora_folded(pl_module):
+        with plain_weights(pl_module):
             path = write_weights_snapshot(pl_module.state_dict(), self.dirpath / name, metadata)
         logging.info(f"trajectory snapshot {path}")
 

@@ -1,7 +1,8 @@
 """The NeMo half of the AoDE demo (:mod:`merge_core.demo`): the shipped generalist
 ``models/nemo_generalist.nemo`` and one expert's fine-tuning by
 :func:`nemo_merge.finetune.finetune` from ``configs/nemo/finetune_expert.yaml`` (LLRD +
-slanted triangular schedule, LoRA folded back on export), as a user runs it on
+slanted triangular schedule, LoRA folded back on export, per-epoch snapshots for MAST,
+sampled hyper-parameters and the best dev-WER export for MAcT), as a user runs it on
 Parakeet; evaluation by :func:`nemo_merge.evaluate.evaluate`."""
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from nemo.collections.asr.models import ASRModel
 from omegaconf import DictConfig, OmegaConf
 
 import nemo_merge.nemo_io  # noqa: F401 (registers .nemo checkpoints for merging)
@@ -51,16 +53,43 @@ def finetune_config(plan: DemoPlan, job: ExpertJob, work_dir: Path) -> DictConfi
             "enable_progress_bar": False,
             "enable_model_summary": False,
             "limit_val_batches": 0,  # the demo evaluates every model on the test sets afterwards
-            "callbacks": [
-                {"_target_": "nemo_merge.callbacks.ExpertSetup"},
-                {"_target_": "nemo_merge.callbacks.ExportExpert", "path": str(plan.expert_path(job))},
-            ],
+            "callbacks": [{"_target_": "nemo_merge.callbacks.ExpertSetup"}, export_callback(plan, job)],
         },
         "exp_manager": None,
     }
     if job.lora:
         overrides["model"]["lora"] = LORA
-    return OmegaConf.merge(OmegaConf.load(FINETUNE_CONFIG), overrides)
+    snapshots = plan.snapshot_dir(job)
+    if snapshots is not None:
+        overrides["trainer"]["callbacks"].append(
+            {"_target_": "nemo_merge.callbacks.TrajectorySnapshots", "dirpath": str(snapshots), "every_n_epochs": 1}
+        )
+    if job.keeps_best:  # MAcT keeps each run's best model on the dev set
+        del overrides["trainer"]["limit_val_batches"]
+        if size.max_steps > 0:  # a run shorter than an epoch validates where it stops
+            overrides["trainer"]["val_check_interval"] = size.max_steps
+    cfg = OmegaConf.merge(OmegaConf.load(FINETUNE_CONFIG), overrides)
+    return OmegaConf.merge(cfg, mact_overrides(cfg, dict(job.hyper))) if job.hyper else cfg
+
+
+def export_callback(plan: DemoPlan, job: ExpertJob) -> dict[str, Any]:
+    """The expert at the end of training, or at its best dev WER for a MAcT run."""
+    target = "ExportBestExpert" if job.keeps_best else "ExportExpert"
+    return {"_target_": f"nemo_merge.callbacks.{target}", "path": str(plan.expert_path(job))}
+
+
+def mact_overrides(cfg: DictConfig, hyper: dict[str, float]) -> dict[str, Any]:
+    """A MAcT run's sampled hyper-parameters as config keys: the learning rate and weight
+    decay, the encoder's dropouts (through ``model_overrides``) and SpecAugment's time-mask
+    width (the fraction of the utterance one mask may cover)."""
+    generalist_spec = ASRModel.restore_from(str(cfg.init_from_nemo_model), return_config=True).spec_augment
+    return {
+        "model": {
+            "optim": {"lr": cfg.model.optim.lr * hyper["lr_scale"], "weight_decay": hyper["weight_decay"]},
+            "spec_augment": {**OmegaConf.to_container(generalist_spec), "time_width": hyper["spec_augment"]},
+        },
+        "model_overrides": {"encoder": {"dropout": hyper["dropout"], "dropout_att": hyper["attention_dropout"]}},
+    }
 
 
 def train_expert(plan: DemoPlan, job: ExpertJob, threads: int) -> Path:
@@ -81,6 +110,11 @@ def evaluate_demo(plan: DemoPlan, config: dict[str, Any]) -> tuple[dict[str, Any
     return evaluate(config)
 
 
+def dev_options(plan: DemoPlan) -> dict[str, Any]:
+    """A NeMo dev set needs nothing beyond its manifest."""
+    return {}
+
+
 NEMO = DemoToolkit(
     name="nemo",
     generalist=GENERALIST,
@@ -88,5 +122,6 @@ NEMO = DemoToolkit(
     suffix=".nemo",
     train_expert=train_expert,
     evaluate=evaluate_demo,
+    dev_options=dev_options,
     fingerprint={"finetune_config": FINETUNE_CONFIG.read_text(encoding="utf-8"), "lora": LORA},
 )

@@ -11,7 +11,8 @@ NGC/Hugging Face name), the trainer from ``trainer`` (through
 :func:`nemo_merge.callbacks.resolve_trainer_cfg`, which also accepts our callbacks),
 logging and checkpoints from ``exp_manager``. On top of it, config entries alone turn
 on LLRD (``model.llrd``), the slanted triangular schedule
-(``model.optim.sched.name: SlantedTriangular``), LoRA (``model.lora``), the expert
+(``model.optim.sched.name: SlantedTriangular``), LoRA (``model.lora``), L-MAM
+(``model.lmam``: seed 003's learnable attention merging), the expert
 export and trajectory snapshots (``trainer.callbacks``). The tokenizer is the
 generalist's: experts with another vocabulary could not be averaged with it.
 """
@@ -31,11 +32,12 @@ from merge_core import MergeError
 from merge_core.errors import TrainingConfigError
 from nemo_merge.callbacks import ExpertSetup, resolve_trainer_cfg
 from nemo_merge.hydra_args import config_path_from_cwd
+from nemo_merge.lmam import LMAM_KEY
 from nemo_merge.lora import LORA_KEY
 from nemo_merge.optim import LLRD_KEY
 
 # model sections copied from the fine-tuning config into the restored model's config
-FINETUNE_SECTIONS = (LLRD_KEY, LORA_KEY, "optim")
+FINETUNE_SECTIONS = (LLRD_KEY, LORA_KEY, LMAM_KEY, "optim")
 
 
 def build_trainer(cfg: DictConfig) -> pl.Trainer:
@@ -56,10 +58,20 @@ def check_generalist_source(cfg: DictConfig) -> None:
 
 def restore_generalist(cfg: DictConfig, trainer: pl.Trainer) -> ASRModel:
     """The model named by ``init_from_nemo_model`` or ``init_from_pretrained_model``,
-    attached to ``trainer``."""
+    attached to ``trainer``. ``model_overrides`` (e.g. ``{encoder: {dropout: 0.05}}``)
+    amends the ``.nemo``'s own config before the network is built (NeMo's
+    ``override_config_path``): the keys that, unlike ``model.optim`` or the data,
+    shape modules at construction."""
+    overrides = cfg.get("model_overrides")
     if cfg.get("init_from_nemo_model") is not None:
-        model = ASRModel.restore_from(restore_path=str(cfg.init_from_nemo_model))
+        path = str(cfg.init_from_nemo_model)
+        override_cfg = None
+        if overrides is not None:
+            override_cfg = OmegaConf.merge(ASRModel.restore_from(path, return_config=True), detached(overrides))
+        model = ASRModel.restore_from(restore_path=path, override_config_path=override_cfg)
     else:
+        if overrides is not None:
+            raise TrainingConfigError("model_overrides needs init_from_nemo_model (a .nemo whose config they amend)")
         model = ASRModel.from_pretrained(model_name=cfg.init_from_pretrained_model)
     model.set_trainer(trainer)
     return model
@@ -79,7 +91,7 @@ def detached(section: DictConfig) -> DictConfig:
 
 
 def copy_finetune_sections(model: ASRModel, model_cfg: DictConfig) -> None:
-    """Put ``llrd``, ``lora`` and ``optim`` of the fine-tuning config into the model's
+    """Put ``llrd``, ``lora``, ``lmam`` and ``optim`` of the fine-tuning config into the model's
     config, where :class:`ExpertSetup` and NeMo's ``setup_optimization`` read them and
     the exported expert records them."""
     with open_dict(model.cfg):

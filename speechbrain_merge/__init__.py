@@ -5,3 +5,4 @@ needs no SpeechBrain import, so ``asr-merge merge`` on ``CKPT+`` folders starts 
 """
 
 from speechbrain_merge import checkpoint_io  # noqa: F401  (registers the CKPT+ folder kind)
+from speechbrain_merge import select  # noqa: F401  (registers the greedy-soup dev evaluator; imports SpeechBrain only when used)

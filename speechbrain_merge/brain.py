@@ -14,13 +14,20 @@ A recipe opts in by changing one class name, ``class ASR(sb.Brain)`` to
     ``{r, alpha, dropout, target_modules}`` (:class:`merge_core.training.lora.LoraSettings`),
     module names relative to ``self.modules``; applied when fitting starts, after
     which only LoRA parameters train.
+``lmam``
+    ``{source_model, name_map, layers, init_lambda}`` (:class:`merge_core.lmam.LmamSettings`):
+    L-MAM (seed 003, Eq. 3), e.g. a BERT's attention into the HuBERT of
+    ``speechbrain.integrations.huggingface.hubert.HuBERT`` (``name_map: bert_to_hubert``),
+    its per-layer lambda learned with the model; applied when fitting starts (not
+    together with ``lora``), folded in exports and snapshots.
 ``export_path``, ``export_recoverables``
     A folder: when ``fit`` ends, the expert (LoRA folded, the base's keys) is saved
     there as a ``CKPT+`` folder of the named recoverables (default: all of the
     Checkpointer's). ``asr-merge merge`` wants every member to hold the base
     checkpoint's recoverables, so list those when the run added some (e.g. ``stlr``).
 ``snapshot_every_n_steps``, ``snapshot_dir``
-    Weights-only ``step-XXXXXXXX.safetensors`` snapshots (LoRA folded) for MAST.
+    Weights-only ``step-XXXXXXXX.safetensors`` snapshots (LoRA and L-MAM folded) for MAST:
+    the checkpointer's state-dict recoverables, named as in a ``CKPT+`` folder.
 """
 
 from __future__ import annotations
@@ -32,20 +39,23 @@ import speechbrain as sb
 from speechbrain.utils.distributed import if_main_process
 
 from merge_core.errors import TrainingConfigError
+from merge_core.lmam import LmamSettings, apply_lmam_from_checkpoint, has_lmam, lmam_lambdas
 from merge_core.training.lora import LoraSettings, apply_lora, has_lora
 from speechbrain_merge.training import export_expert, llrd_optimizer, write_trajectory_snapshot
 
 
 class MergeableBrain(sb.Brain):
-    """``sb.Brain`` with LLRD, STLR, LoRA, trajectory snapshots and expert export,
+    """``sb.Brain`` with LLRD, STLR, LoRA, L-MAM, trajectory snapshots and expert export,
     each switched on by its hparams key (see the module docstring)."""
 
     def _setting(self, key: str) -> Any:
         return getattr(self.hparams, key, None)
 
     def on_fit_start(self) -> None:
-        # LoRA goes in before Brain wraps modules for DDP and builds the optimizer
+        # LoRA and L-MAM go in before Brain wraps modules for DDP, builds the optimizer
+        # and recovers a checkpoint (whose state dict has their keys)
         self.apply_lora()
+        self.apply_lmam()
         super().on_fit_start()
 
     def apply_lora(self) -> bool:
@@ -57,6 +67,22 @@ class MergeableBrain(sb.Brain):
         if not has_lora(self.modules):
             apply_lora(self.modules, settings)
         return True
+
+    def apply_lmam(self) -> bool:
+        """Parametrize ``self.modules``' mapped attention as ``lmam`` says (once); True when
+        the modules hold L-MAM."""
+        section = self._setting("lmam")
+        if section is None:
+            return False
+        if self._setting("lora") is not None:
+            raise TrainingConfigError("lmam and lora cannot be combined: LoRA freezes the attention L-MAM trains")
+        if not has_lmam(self.modules):
+            apply_lmam_from_checkpoint(self.modules, LmamSettings.from_mapping(section))
+        return True
+
+    def lmam_lambdas(self) -> dict[str, float]:
+        """L-MAM's current lambda of every parametrized tensor (empty without ``lmam``)."""
+        return lmam_lambdas(self.modules)
 
     def init_optimizers(self) -> None:
         """Brain's optimizer, over LLRD groups when hparams has ``llrd``; then ``stlr``
@@ -107,9 +133,11 @@ class MergeableBrain(sb.Brain):
         directory = self._setting("snapshot_dir")
         if directory is None:
             raise TrainingConfigError("snapshot_every_n_steps is set but snapshot_dir is not")
+        if self.checkpointer is None:
+            raise TrainingConfigError("snapshot_every_n_steps needs the Brain's checkpointer (its recoverables are snapshotted)")
         if self.optimizer_step % every or not if_main_process():
             return None
-        return write_trajectory_snapshot(self.modules, directory, self.optimizer_step, self.epoch_number)
+        return write_trajectory_snapshot(self.checkpointer, self.modules, directory, self.optimizer_step, self.epoch_number)
 
     @property
     def epoch_number(self) -> int:
@@ -123,7 +151,7 @@ class MergeableBrain(sb.Brain):
         self.export_expert()
 
     def export_expert(self) -> Path | None:
-        """The LoRA-folded expert as a ``CKPT+`` folder under ``export_path``."""
+        """The expert (LoRA and L-MAM folded) as a ``CKPT+`` folder under ``export_path``."""
         export_path = self._setting("export_path")
         if export_path is None or not if_main_process():
             return None

@@ -1,8 +1,9 @@
 """The SpeechBrain half of the AoDE demo (:mod:`merge_core.demo`): the shipped generalist
 ``models/speechbrain_generalist/`` and one expert's fine-tuning by a real ``Brain.fit``
 of the ``train_ctc`` recipe with :class:`~speechbrain_merge.brain.MergeableBrain`'s
-hparams keys (``llrd``, ``stlr``, ``lora``, ``export_path``), as a user's recipe gets
-them; evaluation by :func:`speechbrain_merge.evaluate.evaluate` on CSV manifests.
+hparams keys (``llrd``, ``stlr``, ``lora``, ``export_path``, ``snapshot_every_n_steps``),
+as a user's recipe gets them (a MAcT run samples the learning rate, weight decay and
+dropout: the tiny recipe has no SpecAugment and one dropout); evaluation by :func:`speechbrain_merge.evaluate.evaluate` on CSV manifests.
 
 The generalist folder holds ``CKPT+generalist/`` (``model`` and ``normalizer``),
 ``tokenizer/`` and ``generalist.json``, whose ``hparams`` rebuild its architecture
@@ -11,6 +12,7 @@ from ``configs/speechbrain/tiny_ctc.yaml`` (training) and ``tiny_ctc_inference.y
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -65,8 +67,9 @@ def expert_hparams(plan: DemoPlan, job: ExpertJob, work_dir: Path) -> dict[str, 
 
     size, domain = plan.size, job.chain[-1]
     train_csv = plan.manifest(domain, "train")
+    hyper = dict(job.hyper)
     # SpeechBrain counts epochs, not steps: the smoke size's step limit does not apply
-    steps = size.epochs * math.ceil(csv_rows(train_csv) / size.batch_size)
+    steps_per_epoch = math.ceil(csv_rows(train_csv) / size.batch_size)
     overrides = {
         **generalist_hparams(plan.generalist),
         "output_folder": str(work_dir),
@@ -76,19 +79,27 @@ def expert_hparams(plan: DemoPlan, job: ExpertJob, work_dir: Path) -> dict[str, 
         "tokenizer_folder": str(tokenizer_file(plan.generalist).parent),
         "number_of_epochs": size.epochs,
         "batch_size": size.batch_size,
-        "lr": size.lora_lr if job.lora else size.lr,
+        "lr": (size.lora_lr if job.lora else size.lr) * hyper.get("lr_scale", 1.0),
         "seed": plan.seed,
     }
+    if "dropout" in hyper:
+        overrides["dropout"] = hyper["dropout"]
     with open(TRAIN_HPARAMS, encoding="utf-8") as f:
         hparams = load_hyperpyyaml(f, overrides)
     hparams.update(
         llrd=LLRD,
-        stlr=SlantedTriangularSchedule(max_steps=steps, **STLR),
-        export_path=str(work_dir / "export"),
+        stlr=SlantedTriangularSchedule(max_steps=size.epochs * steps_per_epoch, **STLR),
         export_recoverables=KEPT,
     )
+    if not job.keeps_best:  # a MAcT run exports its best checkpoint after fitting instead
+        hparams["export_path"] = str(work_dir / "export")
+    if "weight_decay" in hyper:
+        hparams["opt_class"] = functools.partial(hparams["opt_class"], weight_decay=hyper["weight_decay"])
     if job.lora:
         hparams["lora"] = LORA
+    snapshots = plan.snapshot_dir(job)
+    if snapshots is not None:
+        hparams.update(snapshot_every_n_steps=steps_per_epoch, snapshot_dir=str(snapshots))
     return hparams
 
 
@@ -108,8 +119,17 @@ def train_expert(plan: DemoPlan, job: ExpertJob, threads: int) -> Path:
                         run_opts={"device": "cpu", "noprogressbar": True}, checkpointer=hparams["checkpointer"])
     brain.tokenizer = hparams["tokenizer"].sp
     train = csv_dataset(hparams["train_csv"], hparams, brain.tokenizer)
-    # no validation set: the demo evaluates every model on the test sets afterwards
-    brain.fit(hparams["epoch_counter"], train, None, train_loader_kwargs=hparams["train_dataloader_opts"])
+    if job.keeps_best:
+        # MAcT: validate every epoch (checkpoints carry the dev WER), export the best
+        valid = csv_dataset(hparams["valid_csv"], hparams, brain.tokenizer)
+        brain.fit(hparams["epoch_counter"], train, valid, train_loader_kwargs=hparams["train_dataloader_opts"],
+                  valid_loader_kwargs=hparams["valid_dataloader_opts"])
+        brain.checkpointer.recover_if_possible(min_key="WER")
+        brain.hparams.export_path = str(work_dir / "export")  # Brain keeps its own copy of hparams
+        brain.export_expert()
+    else:
+        # no validation set: the demo evaluates every model on the test sets afterwards
+        brain.fit(hparams["epoch_counter"], train, None, train_loader_kwargs=hparams["train_dataloader_opts"])
     exported = max((work_dir / "export").glob("CKPT+*"), key=os.path.getmtime)
     dest = plan.expert_path(job)
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -117,14 +137,19 @@ def train_expert(plan: DemoPlan, job: ExpertJob, threads: int) -> Path:
     return dest
 
 
-def evaluate_demo(plan: DemoPlan, config: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Path]]:
-    """The demo's evaluation with the generalist's architecture and tokenizer."""
-    return evaluate({
-        **config,
+def dev_options(plan: DemoPlan) -> dict[str, Any]:
+    """How a checkpoint folder of the demo is decoded: the inference hparams with the
+    generalist's architecture and tokenizer, and the corpus as ``$data_root``."""
+    return {
         "hparams": str(INFERENCE_HPARAMS),
         "hparams_overrides": {**generalist_hparams(plan.generalist), "tokenizer_file": str(tokenizer_file(plan.generalist))},
         "data_root": str(plan.corpus),
-    })
+    }
+
+
+def evaluate_demo(plan: DemoPlan, config: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Path]]:
+    """The demo's evaluation with the generalist's architecture and tokenizer."""
+    return evaluate({**config, **dev_options(plan)})
 
 
 SPEECHBRAIN = DemoToolkit(
@@ -134,5 +159,6 @@ SPEECHBRAIN = DemoToolkit(
     suffix="",
     train_expert=train_expert,
     evaluate=evaluate_demo,
+    dev_options=dev_options,
     fingerprint={"hparams": TRAIN_HPARAMS.read_text(encoding="utf-8"), "llrd": LLRD, "lora": LORA, "stlr": STLR},
 )

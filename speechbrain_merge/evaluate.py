@@ -203,12 +203,16 @@ def load_interface(spec: ModelSpec, options: SpeechBrainOptions, folder: Path, d
     return asr
 
 
-def transcribe_batch(asr: Any, utterances: Sequence[Utterance]) -> list[str]:
-    """One padded batch through the interface's ``transcribe_batch``."""
+def padded_batch(asr: Any, utterances: Sequence[Utterance]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(waveforms, relative lengths)``: the utterances as the interface loads them, padded into one batch."""
     from speechbrain.utils.data_utils import batch_pad_right
 
-    wavs, lengths = batch_pad_right([asr.load_audio(str(u.audio)) for u in utterances])
-    words, _tokens = asr.transcribe_batch(wavs, lengths)
+    return batch_pad_right([asr.load_audio(str(u.audio)) for u in utterances])
+
+
+def transcribe_batch(asr: Any, utterances: Sequence[Utterance]) -> list[str]:
+    """One padded batch through the interface's ``transcribe_batch``."""
+    words, _tokens = asr.transcribe_batch(*padded_batch(asr, utterances))
     return [str(w) for w in words]
 
 

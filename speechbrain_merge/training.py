@@ -36,13 +36,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from speechbrain.utils.checkpoints import Checkpointer, mark_as_loader, mark_as_saver, register_checkpoint_hooks
+from speechbrain.utils.checkpoints import (
+    DEFAULT_SAVE_HOOKS,
+    Checkpointer,
+    get_default_hook,
+    mark_as_loader,
+    mark_as_saver,
+    register_checkpoint_hooks,
+    torch_save,
+)
 from torch import nn
 from torch.optim import Optimizer
 
 from merge_core.errors import TrainingConfigError
 from merge_core.training.llrd import check_decay, compile_layer_pattern, count_layers, layer_index, layer_learning_rates
-from merge_core.training.lora import lora_folded
+from merge_core.training.folding import plain_weights
 from merge_core.training.snapshots import snapshot_name, write_weights_snapshot
 from merge_core.training.stlr import SlantedTriangularLR, check_stlr_settings
 
@@ -205,18 +213,41 @@ class SlantedTriangularSchedule:
             group["lr"] = lr
 
 
-def write_trajectory_snapshot(module: nn.Module, snapshot_dir: str | Path, step: int, epoch: int) -> Path:
-    """``snapshot_dir/step-XXXXXXXX.safetensors``: ``module``'s state dict with LoRA folded,
-    for MAST (averaging checkpoints along one trajectory)."""
+def state_dict_recoverables(checkpointer: Checkpointer) -> dict[str, nn.Module]:
+    """The recoverables a ``Checkpointer`` saves as their plain ``state_dict`` (its
+    ``torch_save`` hook): the ones whose ``<name>.ckpt`` holds the tensors ``asr-merge``
+    merges. Objects with their own save hook (``InputNormalization``'s statistics, the
+    optimizer) are left out."""
+    return {
+        name: obj
+        for name, obj in checkpointer.recoverables.items()
+        if isinstance(obj, nn.Module)
+        and name not in checkpointer.custom_save_hooks
+        and get_default_hook(obj, DEFAULT_SAVE_HOOKS) is torch_save
+    }
+
+
+def write_trajectory_snapshot(
+    checkpointer: Checkpointer, modules: nn.Module, snapshot_dir: str | Path, step: int, epoch: int
+) -> Path:
+    """``snapshot_dir/step-XXXXXXXX.safetensors``: the tensors of the checkpointer's
+    state-dict recoverables, named ``<recoverable>.<key>`` as ``asr-merge`` names a
+    ``CKPT+`` folder's tensors, with LoRA and L-MAM in ``modules`` folded. A MAST recipe
+    averages them with an exported expert's ``CKPT+`` folder as ``base_model``."""
     metadata = {"optimizer_step": str(step), "epoch": str(epoch)}
-    with lora_folded(module):
-        return write_weights_snapshot(module.state_dict(), Path(snapshot_dir) / snapshot_name(step=step), metadata)
+    with plain_weights(modules):
+        state = {
+            f"{name}.{key}": tensor
+            for name, module in state_dict_recoverables(checkpointer).items()
+            for key, tensor in module.state_dict().items()
+        }
+        return write_weights_snapshot(state, Path(snapshot_dir) / snapshot_name(step=step), metadata)
 
 
 def export_expert(
     recoverables: Mapping[str, Any], modules: nn.Module, export_dir: str | Path, meta: Mapping[str, Any]
 ) -> Path:
-    """Save ``recoverables`` as a ``CKPT+`` folder in ``export_dir`` with LoRA in
+    """Save ``recoverables`` as a ``CKPT+`` folder in ``export_dir`` with LoRA and L-MAM in
     ``modules`` folded, so the tensors carry the base's keys and the folder is an
     ``asr-merge merge`` member that SpeechBrain's ``Checkpointer`` recovers.
 
@@ -225,7 +256,7 @@ def export_expert(
     recoverables : mapping of str to object
         What to save, e.g. the Checkpointer's recoverables minus the optimizer.
     modules : torch.nn.Module
-        Holds every LoRA layer of the recoverables (the Brain's ``modules``).
+        Holds every LoRA layer and L-MAM tensor of the recoverables (the Brain's ``modules``).
     export_dir : str or pathlib.Path
         A Checkpointer folder; the expert is its newest ``CKPT+`` folder.
     meta : mapping
@@ -237,5 +268,5 @@ def export_expert(
         The ``CKPT+`` folder.
     """
     checkpointer = Checkpointer(export_dir, recoverables=dict(recoverables))
-    with lora_folded(modules):
+    with plain_weights(modules):
         return Path(checkpointer.save_checkpoint(meta=dict(meta), end_of_epoch=True).path)

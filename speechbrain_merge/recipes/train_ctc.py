@@ -29,13 +29,16 @@ class CTCBrain(sb.Brain):
         """Waveforms to CTC log-probabilities, plus greedy hypotheses outside training."""
         batch = batch.to(self.device)
         wavs, wav_lens = batch.sig
-        feats = self.hparams.compute_features(wavs)
-        feats = self.modules.normalize(feats, wav_lens, epoch=self.hparams.epoch_counter.current)
-        encoded = self.modules.Transformer.encode(self.modules.CNN(feats), wav_lens)
-        p_ctc = self.hparams.log_softmax(self.modules.ctc_lin(encoded))
+        p_ctc = self.hparams.log_softmax(self.modules.ctc_lin(self.encode(wavs, wav_lens)))
         if stage == sb.Stage.TRAIN:
             return p_ctc, wav_lens, None
         return p_ctc, wav_lens, sb.decoders.ctc_greedy_decode(p_ctc, wav_lens, blank_id=self.hparams.blank_index)
+
+    def encode(self, wavs: torch.Tensor, wav_lens: torch.Tensor) -> torch.Tensor:
+        """Waveforms to encoder states: Fbank, global normalization, CNN front end, Conformer."""
+        feats = self.hparams.compute_features(wavs)
+        feats = self.modules.normalize(feats, wav_lens, epoch=self.hparams.epoch_counter.current)
+        return self.modules.Transformer.encode(self.modules.CNN(feats), wav_lens)
 
     def compute_objectives(self, predictions, batch, stage):
         """CTC loss; outside training, also the word errors of the hypotheses."""
@@ -99,9 +102,9 @@ def csv_dataset(csv_path: str, hparams: dict[str, Any], tokenizer: Any) -> sb.da
     return data
 
 
-def build_brain(hparams: dict[str, Any], run_opts: Any = None) -> CTCBrain:
-    """The Brain of ``hparams`` with its checkpointer and the tokenizer (trained on first use)."""
-    brain = CTCBrain(
+def build_brain(hparams: dict[str, Any], run_opts: Any = None, brain_class: type[CTCBrain] = CTCBrain) -> CTCBrain:
+    """The ``brain_class`` of ``hparams`` with its checkpointer and the tokenizer (trained on first use)."""
+    brain = brain_class(
         modules=hparams["modules"],
         opt_class=hparams["opt_class"],
         hparams=hparams,
@@ -112,9 +115,9 @@ def build_brain(hparams: dict[str, Any], run_opts: Any = None) -> CTCBrain:
     return brain
 
 
-def fit(hparams: dict[str, Any], run_opts: Any = None) -> CTCBrain:
+def fit(hparams: dict[str, Any], run_opts: Any = None, brain_class: type[CTCBrain] = CTCBrain) -> CTCBrain:
     """Train on ``train_csv``, validating and checkpointing on ``valid_csv`` every epoch."""
-    brain = build_brain(hparams, run_opts)
+    brain = build_brain(hparams, run_opts, brain_class)
     valid = csv_dataset(hparams["valid_csv"], hparams, brain.tokenizer).filtered_sorted(sort_key="duration")
     brain.fit(
         hparams["epoch_counter"],
@@ -126,14 +129,14 @@ def fit(hparams: dict[str, Any], run_opts: Any = None) -> CTCBrain:
     return brain
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def main(argv: Sequence[str] | None = None, brain_class: type[CTCBrain] = CTCBrain) -> None:
     hparams_file, run_opts, overrides = sb.parse_arguments(list(argv) if argv is not None else sys.argv[1:])
     with open(hparams_file, encoding="utf-8") as fin:
         hparams = load_hyperpyyaml(fin, overrides)
     sb.create_experiment_directory(
         experiment_directory=hparams["output_folder"], hyperparams_to_save=hparams_file, overrides=overrides
     )
-    fit(hparams, run_opts)
+    fit(hparams, run_opts, brain_class)
 
 
 if __name__ == "__main__":

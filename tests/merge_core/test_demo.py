@@ -13,9 +13,26 @@ from pathlib import Path
 
 import pytest
 
-from merge_core.demo import DEMO_SIZES, TARGETS, DemoPlan, DemoToolkit, ExpertJob, check_claims, expert_jobs
+from merge_core.demo import (
+    DEMO_SIZES,
+    EDITS,
+    MACT_RANGES,
+    MACT_RUNS,
+    ROUNDS,
+    TARGETS,
+    DemoPlan,
+    DemoToolkit,
+    ExpertJob,
+    all_jobs,
+    check_claims,
+    edit_name,
+    merge_steps,
+    round_name,
+)
 
-ROWS = 1 + len(TARGETS) + 2 + 7  # pretrained, single fine-tunes, two sequential orders, merges
+# pretrained, single fine-tunes, two sequential orders, seed 000's merges, iterative AoDE's
+# later rounds (two variants), sequential editing (TA, TIES), MAST, MAcT, SMAcT
+ROWS = 1 + len(TARGETS) + 2 + 7 + 2 * (ROUNDS - 1) + len(EDITS) + 3
 # toolkit -> (the module that must import, its DemoToolkit)
 TOOLKITS = {"nemo": ("nemo.collections.asr", "nemo_merge.demo:NEMO"),
             "speechbrain": ("speechbrain", "speechbrain_merge.demo:SPEECHBRAIN")}
@@ -45,20 +62,40 @@ def smoke_demo(request, tmp_path_factory):
 
 
 @pytest.mark.parametrize("name", list(TOOLKITS))
-def test_sequential_steps_start_from_the_previous_step_and_share_the_single_expert(tmp_path, name):
+def test_every_job_starts_from_what_its_scenario_says(tmp_path, name):
     toolkit = demo_toolkit(name)
     generalist = tmp_path / "generalist"
     generalist.write_bytes(b"weights")
     plan = DemoPlan(toolkit, Path("/o"), Path("/c"), generalist, DEMO_SIZES["smoke"], 0, TARGETS[0])
-    stages = expert_jobs()
-    assert len(stages) == len(TARGETS)
-    assert len(stages[0]) == 2 * len(TARGETS) and all(len(j.chain) == 1 for j in stages[0])
+    jobs = all_jobs(plan)
+    assert len(set(jobs)) == len(jobs) == 2 * len(TARGETS) + 2 * (len(TARGETS) - 1) + MACT_RUNS + 2 * (
+        ROUNDS - 1) * len(TARGETS) + len(EDITS) * (len(TARGETS) - 1)
+    # sequential fine-tuning: each step from the previous one, the first from the generalist
     full = ExpertJob(TARGETS)
-    assert full in stages[-1] and ExpertJob(TARGETS[::-1]) in stages[-1]
+    assert full in jobs and ExpertJob(TARGETS[::-1]) in jobs
     assert plan.init_of(full) == plan.expert_path(ExpertJob(TARGETS[:-1]))
     assert plan.init_of(ExpertJob(TARGETS[:1])) == generalist
+    # iterative AoDE: round k's experts from round k-1's average; editing: step k from the edited k-1
+    second = ExpertJob((TARGETS[1],), start=round_name("AoDE with orig", 1))
+    assert second in jobs and plan.init_of(second) == plan.merged_path("AoDE with orig")
+    edit = ExpertJob((TARGETS[2],), start=edit_name("TIES", 2))
+    assert edit in jobs and plan.init_of(edit) == plan.merged_path("sequential editing TIES step 2")
+    # MAcT runs: the focus domain, hyper-parameters inside seed 002's ranges, all different
+    mact = [j for j in jobs if j.hyper]
+    assert len({j.hyper for j in mact}) == MACT_RUNS and all(j.chain == (TARGETS[0],) and j.keeps_best for j in mact)
+    assert all(MACT_RANGES[k][0] <= v <= MACT_RANGES[k][1] for j in mact for k, v in j.hyper)
+    # only single-domain experts snapshot their trajectory (MAST)
+    assert [j for j in jobs if plan.snapshot_dir(j)] == [ExpertJob((d,)) for d in TARGETS]
+    steps = {s.name: s for s in merge_steps(plan)}
+    assert len([s for s in steps.values() if s.row]) == ROWS - 1 - len(TARGETS) - 2
+    ties = steps["sequential editing TIES"].build()
+    assert ties["base_model"] == str(plan.merged_path("sequential editing TIES step 4"))
+    assert ties["parameters"] == {"lambda": 0.6, "density": 0.5, "trim_scope": "model"}
+    assert steps["sequential editing TA step 1"].build()["models"] == [str(plan.expert_path(ExpertJob(TARGETS[:1])))]
+    smact = steps[f"SMAcT {TARGETS[0]}"]
+    assert smact.needs == (plan.expert_path(ExpertJob((TARGETS[0],))), *(plan.expert_path(j) for j in mact))
     # the key changes with what shapes the expert
-    assert plan.expert_path(ExpertJob((TARGETS[0],))) != plan.expert_path(ExpertJob((TARGETS[0],), lora=True))
+    assert len({plan.expert_path(j) for j in jobs}) == len(jobs)
     assert plan.expert_path(full).name.startswith(toolkit.prefix) and plan.expert_path(full).name.endswith(toolkit.suffix)
     assert plan.manifest(TARGETS[0], "test").parent.parent.name == toolkit.name
     other = DemoPlan(toolkit, Path("/o"), Path("/c"), generalist, DEMO_SIZES["default"], 0, TARGETS[0])
@@ -82,12 +119,22 @@ def test_claims_follow_the_numbers():
     merges = {"AoDE": 10.0, "AoDE with orig": 2.0, "AoDE LoRA": 3.0, f"AoDE {up} x4": 12.0, "original x4": 1.0,
               "TIES": 15.0, "task arithmetic": 9.0}
     models += [_row(n, {**better, up: 35.0 if "x4" in n else 38.0}, f) for n, f in merges.items()]
+    models += [_row("AoDE r2", {d: 37.0 for d in TARGETS}, 12.0), _row("AoDE r3", {d: 36.0 for d in TARGETS}, 14.0)]
+    models += [_row("AoDE with orig r2", better, 3.0), _row("AoDE with orig r3", better, 4.0)]
+    models += [_row("sequential editing TA", better, 30.0), _row("sequential editing TIES", {d: 39.0 for d in TARGETS}, 70.0)]
+    models += [_row(f"{m} {up}", {**base, up: w}, 5.0) for m, w in (("MAST", 29.0), ("MAcT", 28.0), ("SMAcT", 31.0))]
     claims = {c["claim"]: c["holds"] for c in check_claims({"models": models}, up)}
     assert claims[f"fine-tuning on {TARGETS[0]} improves {TARGETS[0]} and forgets"] is True
     assert claims[f"fine-tuning on {TARGETS[1]} improves {TARGETS[1]} and forgets"] is False  # it did not forget
     assert claims["sequential fine-tuning forgets more than AoDE"] is False  # sequential b forgot 5% < 10%
     assert claims["AoDE with the original forgets least of the merges"] is True
     assert claims[f"up-weighting {up} moves its WER toward its expert's"] is True
+    assert claims["iterating AoDE lowers the target domains' average WER round after round"] is True
+    assert claims[f"the original in round {ROUNDS}'s average reduces its forgetting"] is True
+    assert claims["sequential editing forgets less than sequential fine-tuning (same order)"] is False  # TIES: 70 > 60
+    assert claims["TIES editing beats task-arithmetic editing on the target domains"] is True
+    assert claims[f"MAST, MAcT and SMAcT each beat plain fine-tuning on {up}"] is False  # SMAcT 31 > 30
+    assert claims[f"SMAcT is at least as good as MAcT on {up}"] is False
 
 
 @pytest.mark.slow
@@ -120,7 +167,7 @@ def test_smoke_demo_reports_every_row_with_finite_decoded_wers(smoke_demo):
 def test_smoke_demo_rerun_reuses_the_experts(smoke_demo):
     toolkit, out, cache, _ = smoke_demo
     experts = sorted((out / "experts").glob(f"{toolkit.prefix}*{toolkit.suffix}"))
-    assert len(experts) == len(TARGETS) * 2 + 2 * (len(TARGETS) - 1)
+    assert len(experts) == len(all_jobs(DemoPlan(toolkit, out, out, out, DEMO_SIZES["smoke"], 0, TARGETS[0])))
     before = {p: p.stat().st_mtime_ns for p in experts}
     done = run_demo_cli(toolkit.name, out, cache)
     assert done.returncode == 0, done.stderr[-3000:]

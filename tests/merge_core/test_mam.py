@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 from merge_core.checkpoint.safetensors_io import read_provenance
 from merge_core.cli import main
 from merge_core.errors import RecipeError, TensorMismatchError, TrainingConfigError
-from merge_core.lmam import apply_lmam, fold_lmam, lmam_lambdas
+from merge_core.lmam import LmamSettings, apply_lmam, apply_lmam_from_checkpoint, fold_lmam, lmam_folded, lmam_lambdas
 from merge_core.mam import MamRecipe, run_mam
 from merge_core.name_map import BUILTIN_MAPS, map_tensors
 from merge_core.similarity import euclidean, rank_layers, sliced_wasserstein, top_k_layers
@@ -211,3 +211,39 @@ def test_folded_lmam_matches_the_parametrized_model_and_keeps_the_keys():
     fresh.load_state_dict(model.state_dict())
     with torch.no_grad():
         assert (fresh(_audio()).last_hidden_state - parametrized).abs().max() < 1e-5
+
+
+def test_lmam_folded_block_exports_plain_weights_and_training_resumes_bit_for_bit():
+    model = tiny_hubert(ctc=False).train()
+    apply_lmam(model, tiny_bert().state_dict(), "bert_to_hubert", init_lambda=0.4)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model(_audio()).last_hidden_state.pow(2).mean().backward()
+    optimizer.step()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    q = model.encoder.layers[0].attention.q_proj
+    original = q.parametrizations.weight.original
+    with torch.no_grad():
+        expected = q.weight.clone()  # W_i = lambda W_s + (1 - lambda) W_t
+    with lmam_folded(model):
+        plain = model.state_dict()
+        assert list(plain) == list(tiny_hubert(ctc=False).state_dict())
+        assert torch.equal(plain["encoder.layers.0.attention.q_proj.weight"], expected)
+    after = model.state_dict()
+    assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
+    # the optimizer still holds the very tensors the model trains
+    assert q.parametrizations.weight.original is original
+    assert any(p is original for group in optimizer.param_groups for p in group["params"])
+
+
+def test_lmam_settings_validate_and_read_only_mapped_source_tensors(checkpoints):
+    folder, source, _ = checkpoints
+    settings = LmamSettings.from_mapping({"source_model": str(folder / "bert.safetensors"), "layers": [1]}, "bert_to_hubert")
+    model = tiny_hubert()
+    logits = apply_lmam_from_checkpoint(model, settings)
+    assert list(logits) == [1] and abs(next(iter(lmam_lambdas(model).values())) - 0.1) < 1e-6
+    buffer = model.hubert.encoder.layers[1].attention.k_proj.parametrizations.bias[0].source
+    assert torch.equal(buffer, source["encoder.layer.1.attention.self.key.bias"])
+    with pytest.raises(TrainingConfigError, match="name_map"):
+        LmamSettings.from_mapping({"source_model": "x"})
+    with pytest.raises(RecipeError, match="unknown name_map"):
+        LmamSettings.from_mapping({"source_model": "x", "name_map": "bert_to_whisper"})

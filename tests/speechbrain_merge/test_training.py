@@ -147,11 +147,13 @@ def test_snapshots_are_written_at_the_interval(lora_run):
 
     snapshots = sorted((lora_run["output"] / "snapshots").iterdir())
     assert [p.name for p in snapshots] == ["step-00000001.safetensors", "step-00000002.safetensors"]
-    modules = lora_run["brain"].modules
-    with lora_folded(modules):
-        plain_keys = set(modules.state_dict())
-    assert set(load_file(snapshots[-1])) == plain_keys
-    assert not any(".lora_" in k or ".base_layer." in k for k in plain_keys)
+    (expert,) = checkpoints(Path(lora_run["hparams"]["export_path"]))
+    exported = torch.load(expert / "model.ckpt", weights_only=True)
+    snapshot = load_file(snapshots[-1])
+    # named like the CKPT+ folder's tensors: the model recoverable, LoRA folded; the
+    # normalizer's statistics (its own save hook) are not weights
+    assert set(snapshot) == {f"model.{k}" for k in exported}
+    assert all(torch.equal(snapshot[f"model.{k}"], v) for k, v in exported.items())  # the last step is the export
 
 
 def test_one_stack_equals_merge_cores_llrd(lora_run):
@@ -283,3 +285,21 @@ def test_whisper_lora_folds_to_the_same_outputs(tmp_path):
             folded_out = whisper(wav, tokens)[1]
             assert not any(".lora_" in k for k in whisper.state_dict())
     assert (lora_out - folded_out).abs().max() < 1e-5
+
+
+def test_mast_averages_snapshots_into_a_ckpt_folder(lora_run, tmp_path):
+    from safetensors.torch import load_file
+
+    from merge_core import Recipe, merge
+
+    (expert,) = checkpoints(Path(lora_run["hparams"]["export_path"]))
+    snapshots = sorted((lora_run["output"] / "snapshots").iterdir())
+    out = tmp_path / "CKPT+mast"
+    merge(Recipe.from_mapping({
+        "method": "average", "base_model": str(expert), "models": [str(s) for s in snapshots],
+        "output": str(out), "hash_inputs": False,
+    }), progress=False)
+    merged, first, last = torch.load(out / "model.ckpt"), load_file(snapshots[0]), load_file(snapshots[1])
+    assert set(merged) == {k.removeprefix("model.") for k in first}
+    assert all(torch.allclose(merged[k.removeprefix("model.")], (first[k] + last[k]) / 2, atol=1e-6) for k in first)
+    assert (out / "normalizer.ckpt").read_bytes() == (expert / "normalizer.ckpt").read_bytes()
