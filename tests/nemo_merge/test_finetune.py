@@ -342,3 +342,17 @@ def test_finetune_script_with_lora_ema_and_exp_manager(tmp_path, tiny_nemo_base,
         assert not torch.equal(expert[DEPTHWISE.format(0)], base[DEPTHWISE.format(0)]), path
     restored = ASRModel.restore_from(str(out / "expert.nemo"), map_location="cpu")
     assert restored.cfg.lora.r == 4 and restored.cfg.llrd.decay == 0.9
+
+
+def test_model_overrides_amend_the_restored_network(tmp_path, tiny_nemo_base):
+    from nemo_merge.finetune import restore_generalist
+
+    cfg = OmegaConf.create({"init_from_nemo_model": str(tiny_nemo_base), "model_overrides": {"encoder": {"dropout_att": 0.07}}})
+    model = restore_generalist(cfg, cpu_trainer(1, tmp_path))
+    assert model.cfg.encoder.dropout_att == 0.07
+    rates = {m.p for n, m in model.encoder.named_modules() if isinstance(m, torch.nn.Dropout) and "self_attn" in n}
+    assert rates == {0.07}
+    base = weights(tiny_nemo_base)
+    assert all(torch.equal(v, base[k]) for k, v in model.state_dict().items() if k in base)  # the weights are the .nemo's
+    with pytest.raises(TrainingConfigError, match="model_overrides needs init_from_nemo_model"):
+        restore_generalist(OmegaConf.create({"init_from_pretrained_model": "x", "model_overrides": {}}), None)
