@@ -139,7 +139,8 @@ def train_source(args: argparse.Namespace, tokenizer: Any) -> Path:
         if step % 500 == 0 or step == args.bert_steps - 1:
             print(f"BERT step {step}: masked-LM loss {loss.item():.3f}", flush=True)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
+    # the MLM head ties its decoder to the word embeddings: safetensors wants distinct tensors
+    save_file({k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}, path)
     return path
 
 
