@@ -50,7 +50,6 @@ from speechbrain_merge.recipes.train_hubert_ctc import HubertCTCBrain
 REPO = Path(__file__).resolve().parents[2]
 HPARAMS = REPO / "configs" / "speechbrain" / "tiny_hubert_ctc.yaml"
 HIDDEN, LAYERS, HEADS, FFN = 96, 4, 4, 384
-VOCAB = 128
 TEST_SETS = ("test-clean", "test-other")
 RUN_OPTS = {"device": "cpu", "noprogressbar": True}
 
@@ -78,7 +77,7 @@ def hparams_for(args: argparse.Namespace, output: Path, **overrides: Any) -> dic
         "output_folder": str(output),
         "hubert_source": str(args.out / "hubert_init"),
         "hubert_hidden": HIDDEN,
-        "vocab_size": VOCAB,
+        "vocab_size": args.vocab_size,
         "data_root": str(args.corpus),
         "train_csv": str(args.csvs["LibriSpeech"]["train-clean-100"]),
         "valid_csv": str(args.csvs["LibriSpeech"]["dev-clean"]),
@@ -115,7 +114,7 @@ def train_source(args: argparse.Namespace, tokenizer: Any) -> Path:
     torch.manual_seed(args.seed)
     pad, cls, sep, mask, shift = 0, 1, 2, 3, 4
     config = transformers.BertConfig(
-        vocab_size=VOCAB + shift, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+        vocab_size=args.vocab_size + shift, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
         intermediate_size=FFN, max_position_embeddings=256, pad_token_id=pad,
     )
     model = transformers.BertForMaskedLM(config)
@@ -125,7 +124,7 @@ def train_source(args: argparse.Namespace, tokenizer: Any) -> Path:
     rng = random.Random(args.seed)
     model.train()
     for step in range(args.bert_steps):
-        batch = rng.sample(sentences, 32)
+        batch = rng.sample(sentences, min(32, len(sentences)))
         ids = torch.full((len(batch), max(map(len, batch))), pad)
         for row, sentence in enumerate(batch):
             ids[row, : len(sentence)] = torch.tensor(sentence)
@@ -178,7 +177,7 @@ def layer_ranking(args: argparse.Namespace, target: Path, source: Path, tokenize
     hparams["model"].load_state_dict(torch.load(target / "model.ckpt", map_location="cpu", weights_only=True))
     hubert = hparams["hubert"].model.eval()
     bert = transformers.BertModel(transformers.BertConfig(
-        vocab_size=VOCAB + 4, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+        vocab_size=args.vocab_size + 4, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
         intermediate_size=FFN, max_position_embeddings=256,
     ))
     from safetensors.torch import load_file
@@ -242,6 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--finetune-epochs", type=int, default=3)
     p.add_argument("--finetune-lr", type=float, default=5e-4)
     p.add_argument("--lambdas", type=float, nargs="+", default=[0.02, 0.05, 0.1, 0.2, 0.5])
+    p.add_argument("--vocab-size", type=int, default=128, help="M_t's SentencePiece unigram pieces")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     args.corpus, args.out = args.corpus.resolve(), args.out.resolve()
