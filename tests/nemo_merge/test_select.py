@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from merge_core.checkpoint import open_checkpoint
-from merge_core.engine import write_stream
+from tests.checkpoint_helpers import scaled_copy
 from merge_core.soup import load_soup_recipe, run_greedy_soup
 
 pytest.importorskip("nemo.collections.asr")
@@ -21,24 +21,12 @@ GENERALIST = REPO / "models" / "nemo_generalist.nemo"
 DESTROYED = "encoder.layers.1."
 
 
-def destroyed_copy(source: Path, dest: Path, factor: float = 50.0) -> Path:
-    """``source`` with every float tensor of one encoder layer scaled by ``factor``."""
-    with open_checkpoint(source) as reader:
-        def stream(order):
-            for name in order:
-                tensor = reader.get(name)
-                yield name, tensor * factor if name.startswith(DESTROYED) and tensor.is_floating_point() else tensor
-
-        write_stream(dest, {"method": "test", "parameters": {}}, [("base", reader, None)], reader, {}, stream, hash_inputs=False)
-    return dest
-
-
 def test_harmful_rejected_neutral_not_kept_and_soup_written(tmp_path, nemo_audio_manifest):
     from nemo_merge.evaluate import evaluate
 
     candidates = [
         GENERALIST,
-        destroyed_copy(GENERALIST, tmp_path / "destroyed.nemo"),
+        scaled_copy(GENERALIST, tmp_path / "destroyed.nemo", DESTROYED),
         Path(shutil.copyfile(GENERALIST, tmp_path / "copy.nemo")),  # averages to the generalist: the same WER
     ]
     recipe_file = tmp_path / "soup.yaml"

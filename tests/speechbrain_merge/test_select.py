@@ -12,7 +12,7 @@ import torch
 import yaml
 
 from merge_core.checkpoint import open_checkpoint
-from merge_core.engine import write_stream
+from tests.checkpoint_helpers import scaled_copy
 from merge_core.soup import load_soup_recipe, run_greedy_soup
 from speechbrain_merge.checkpoint_io import META_FILE
 from tests.speechbrain_merge.conftest import INFERENCE_HPARAMS
@@ -22,18 +22,6 @@ pytest.importorskip("speechbrain")
 REPO = Path(__file__).resolve().parents[2]
 GENERALIST = REPO / "models" / "speechbrain_generalist" / "CKPT+generalist"
 DESTROYED = "model.1.encoder.layers.1."
-
-
-def destroyed_copy(source: Path, dest: Path, factor: float = 50.0) -> Path:
-    """``source`` with every float tensor of one Conformer layer scaled by ``factor``."""
-    with open_checkpoint(source) as reader:
-        def stream(order):
-            for name in order:
-                tensor = reader.get(name)
-                yield name, tensor * factor if name.startswith(DESTROYED) and tensor.is_floating_point() else tensor
-
-        write_stream(dest, {"method": "test", "parameters": {}}, [("base", reader, None)], reader, {}, stream, hash_inputs=False)
-    return dest
 
 
 def dev_options(sb_data) -> dict:
@@ -54,7 +42,7 @@ def test_harmful_rejected_neutral_not_kept_and_soup_written(tmp_path, sb_data):
 
     candidates = [
         GENERALIST,
-        destroyed_copy(GENERALIST, tmp_path / "CKPT+destroyed"),
+        scaled_copy(GENERALIST, tmp_path / "CKPT+destroyed", DESTROYED),
         Path(shutil.copytree(GENERALIST, tmp_path / "CKPT+copy")),  # averages to the generalist: the same WER
     ]
     options = dev_options(sb_data)
