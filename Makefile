@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo demo-smoke test test-fast bench clean
+.PHONY: demo demo-smoke demo-whisper test test-fast bench clean
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
@@ -23,6 +23,10 @@ demo: $(STAMP)
 
 demo-smoke: $(STAMP)
 	$(BIN)/asr-merge demo --smoke
+
+# seed 000's scenarios with a real pretrained generalist (Whisper tiny.en from its pinned wheel)
+demo-whisper: $(STAMP)
+	$(BIN)/asr-merge demo --toolkit speechbrain --generalist whisper-tiny.en
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

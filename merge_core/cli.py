@@ -13,7 +13,9 @@ from merge_core.engine import merge
 from merge_core.errors import EvaluationError, MergeError
 from merge_core.mam import DEFAULTS as MAM_DEFAULTS
 from merge_core.mam import METHOD as MAM
+from merge_core.mact import load_mact_recipe, run_mact
 from merge_core.mam import MamRecipe, load_any_recipe, run_mam
+from merge_core.pretrained import KNOWN_MODELS
 from merge_core.recipe import load_yaml_config
 from merge_core.registry import available_methods, get_method
 from merge_core.soup import DEFAULTS as SOUP_DEFAULTS
@@ -57,6 +59,14 @@ def _cmd_select(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_mact(args: argparse.Namespace) -> int:
+    recipe = load_mact_recipe(args.recipe, args.overrides)
+    result = run_mact(recipe, progress=not args.quiet)
+    print(f"wrote {result.output} ({recipe.merge} of {recipe.runs} runs' best models; runs in "
+          f"{recipe.work_dir / 'runs.json'}) in {result.seconds:.1f} s")
+    return 0
+
+
 # evaluation back ends, imported only when asked for: each pulls in its toolkit
 _EVALUATORS = {"nemo": "nemo_merge.evaluate", "speechbrain": "speechbrain_merge.evaluate"}
 
@@ -76,7 +86,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     # the toolkit's half lives in its adapter: merge_core itself never imports a toolkit
-    if args.toolkit == "nemo":
+    generalist = args.generalist
+    if generalist in KNOWN_MODELS:
+        if args.toolkit != "speechbrain":
+            raise MergeError(f"--generalist {generalist} is a Whisper model: run it with --toolkit speechbrain")
+        from speechbrain_merge.whisper_demo import WHISPER as toolkit
+
+        generalist = None  # written into the run's folder from the pinned wheel
+    elif args.toolkit == "nemo":
         from nemo_merge.demo import NEMO as toolkit
     else:
         from speechbrain_merge.demo import SPEECHBRAIN as toolkit
@@ -86,7 +103,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         size=args.size,
         out=args.out,
         corpus=args.corpus,
-        generalist=args.generalist,
+        generalist=generalist,
         jobs=args.jobs,
         seed=args.seed,
         upweighted=args.upweight,
@@ -119,8 +136,7 @@ def _cmd_prepare_librispeech(args: argparse.Namespace) -> int:
 
 
 def _cmd_get_model(args: argparse.Namespace) -> int:
-    # imported here: the converter pulls in transformers, which other commands do not need
-    from merge_core.pretrained import KNOWN_MODELS, fetch_model
+    from merge_core.pretrained import fetch_model
 
     if args.list or args.name is None:
         for model in KNOWN_MODELS.values():
@@ -149,6 +165,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. parameters.order=by_dev_wer dev.max_utterances=100")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=_cmd_select)
+    p = sub.add_parser(
+        "mact",
+        help="MAcT / SMAcT: fine-tune R runs with sampled hyper-parameters, keep each best, merge them",
+        description="Run R fine-tunings of base_model through the toolkit's own training entry point, with "
+        "hyper-parameters sampled uniformly from 'ranges' (seed 002's by default), keep each run's best dev-WER "
+        "model, and average them (merge: average) or greedily select them on a dev set (merge: greedy_soup).",
+    )
+    p.add_argument("recipe", help="MAcT recipe YAML file (e.g. configs/recipes/example_mact_nemo.yaml)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. runs=6 merge=greedy_soup")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=_cmd_mact)
     p = sub.add_parser("eval", help="evaluate models and forgetting on test manifests", description="Evaluate WER per test set and forgetting (report.json, report.md, report.png).")
     p.add_argument("config", help="evaluation config YAML (e.g. configs/nemo/eval.yaml)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. models.1.model=merged.nemo")
@@ -193,10 +220,12 @@ def build_parser() -> argparse.ArgumentParser:
     sizes.add_argument("--large", dest="size", action="store_const", const="large", help="hours, for a GPU")
     p.set_defaults(size="default")
     p.add_argument("--toolkit", choices=["nemo", "speechbrain"], default="nemo", help="whose models and training")
-    p.add_argument("--out", help="output folder (default outputs/demo/<size>)")
+    p.add_argument("--out", help="output folder (default outputs/demo/<toolkit>-<size>, "
+        "outputs/demo/speechbrain-whisper-tiny.en-<size> for Whisper)")
     p.add_argument("--corpus", help="corpus folder, built there if incomplete (default <out>/corpus)")
     p.add_argument("--generalist", help="the generalist checkpoint (default: the shipped models/nemo_generalist.nemo or "
-        "models/speechbrain_generalist/CKPT+generalist)")
+        "models/speechbrain_generalist/CKPT+generalist), or a pretrained model of `asr-merge get-model` "
+        f"({', '.join(KNOWN_MODELS)}: seed 000's Whisper scenarios, SpeechBrain only)")
     p.add_argument("--jobs", type=int, help="experts trained in parallel (default: one per CPU core)")
     p.add_argument("--upweight", default=TARGETS[0], choices=TARGETS, help="the domain up-weighted x4 in the re-weighted AoDE")
     p.add_argument("--seed", type=int, default=0)

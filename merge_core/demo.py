@@ -21,7 +21,9 @@
    the numbers.
 
 A toolkit adapter supplies a :class:`DemoToolkit`: its generalist, how it fine-tunes one
-expert, and its evaluation (``nemo_merge.demo.NEMO``, ``speechbrain_merge.demo.SPEECHBRAIN``).
+expert, its evaluation and which :class:`Scenarios` it runs (``nemo_merge.demo.NEMO``,
+``speechbrain_merge.demo.SPEECHBRAIN``; ``speechbrain_merge.whisper_demo.WHISPER``, a real
+pretrained Whisper with seed 000's scenarios and the LLRD ablation).
 
 Experts are keyed by a hash of everything that shapes them (generalist, domains in
 order, LoRA, the merged model they start from, sampled hyper-parameters, size
@@ -39,7 +41,7 @@ import os
 import random
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -50,6 +52,7 @@ from merge_core.corpus.domains import ORIGINAL
 from merge_core.corpus.files import write_text_atomically
 from merge_core.corpus.librispeech import manifest_name
 from merge_core.engine import merge
+from merge_core.mact import sample_hyperparameters
 from merge_core.provenance import file_sha256
 from merge_core.recipe import Recipe
 from merge_core.soup import METHOD as SOUP_METHOD
@@ -69,6 +72,7 @@ class DemoSize:
     batch_size: int
     lr: float  # the top encoder layer's peak rate (LLRD scales the others)
     lora_lr: float
+    train_utterances: int | None = None  # the first N of each domain's training set (None: all)
 
 
 DEMO_SIZES = {
@@ -84,17 +88,18 @@ class ExpertJob:
 
     It starts from the generalist, or from the merged model named ``start`` (iterative
     AoDE's rounds, sequential editing's steps); ``hyper`` holds hyper-parameters sampled
-    for a MAcT run (:data:`MACT_RANGES`), whose best model on the domain's dev set is kept.
+    for a MAcT run (:data:`merge_core.mact.RANGES`), whose best model on the domain's dev set is kept.
     """
 
     chain: tuple[str, ...]
     lora: bool = False
     start: str | None = None
     hyper: tuple[tuple[str, float], ...] = ()
+    llrd: bool = True  # False: one learning rate for every layer (seed 000's LLRD ablation)
 
     @property
     def name(self) -> str:
-        name = ("lora-" if self.lora else "ft-") + "-".join(self.chain)
+        name = ("lora-" if self.lora else "ft-" if self.llrd else "flat-") + "-".join(self.chain)
         if self.start:
             name += "@" + slug(self.start)
         if self.hyper:
@@ -109,7 +114,7 @@ class ExpertJob:
     @property
     def snapshots(self) -> bool:
         """Single-domain experts snapshot their trajectory once per epoch (for MAST)."""
-        return len(self.chain) == 1 and not (self.lora or self.start or self.hyper)
+        return len(self.chain) == 1 and self.llrd and not (self.lora or self.start or self.hyper)
 
     @property
     def keeps_best(self) -> bool:
@@ -123,12 +128,30 @@ def slug(name: str) -> str:
 
 
 @dataclass(frozen=True)
+class Scenarios:
+    """Which of the demo's scenarios a toolkit runs besides seed 000's core (single-domain
+    fine-tunes, sequential fine-tuning, AoDE with and without the original, re-weighted
+    AoDE, TIES and task arithmetic)."""
+
+    lora: bool = True  # AoDE of LoRA experts
+    iterative: bool = True  # iterative AoDE's rounds
+    editing: bool = True  # sequential editing (seed 004)
+    trajectories: bool = True  # MAST, MAcT, SMAcT (seed 002)
+    llrd_ablation: bool = False  # single-domain fine-tunes without LLRD
+
+
+ALL_SCENARIOS = Scenarios()
+# a real pretrained generalist: seed 000's Whisper rows, and whether LLRD helps
+SEED000_SCENARIOS = Scenarios(lora=False, iterative=False, editing=False, trajectories=False, llrd_ablation=True)
+
+
+@dataclass(frozen=True)
 class DemoToolkit:
     """What a toolkit adapter gives the demo. Its functions are module-level, so that
     expert processes can receive them."""
 
     name: str  # "nemo" or "speechbrain": also the manifests' kind
-    generalist: Path  # the shipped generalist checkpoint
+    generalist: Path | None  # the shipped generalist checkpoint (None: prepare_generalist writes one)
     prefix: str  # of a checkpoint's file or folder name: "CKPT+" for SpeechBrain
     suffix: str  # ".nemo"
     # (plan, job, torch threads) -> checkpoint; also writes plan.snapshot_dir(job)'s
@@ -137,6 +160,13 @@ class DemoToolkit:
     evaluate: Callable[["DemoPlan", dict[str, Any]], tuple[dict[str, Any], dict[str, Path]]]  # config -> report, files
     dev_options: Callable[["DemoPlan"], dict[str, Any]]  # a greedy soup's toolkit keys in its ``dev`` section
     fingerprint: dict[str, Any]  # what else shapes an expert: fine-tuning config, LoRA settings
+    sizes: dict[str, DemoSize] = field(default_factory=lambda: DEMO_SIZES)
+    scenarios: Scenarios = ALL_SCENARIOS
+    # out folder -> the generalist checkpoint, written there when it is not shipped as one
+    prepare_generalist: Callable[[Path], Path] | None = None
+    label: str = ""  # of the default output folder, outputs/demo/<label or name>-<size>
+    # tensors every merge copies from its base_model: those no expert trains (a frozen encoder)
+    merge_exclude: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -157,6 +187,7 @@ class DemoPlan:
             "generalist": file_sha256(self.generalist) if self.generalist.is_file() else _folder_digest(self.generalist),
             "chain": job.chain,
             "lora": job.lora,
+            "llrd": job.llrd,
             "start": job.start,
             "hyper": job.hyper,
             "snapshots": job.snapshots,
@@ -198,16 +229,7 @@ def prepare_data(plan: DemoPlan) -> None:
         prepare_librispeech(plan.corpus / domain.name, dest, toolkit=plan.toolkit.name)
 
 
-# MAcT: runs per focus domain, and seed 002's uniform ranges (the learning rate as a
-# factor of the size's; "spec_augment" is the masking fraction a toolkit maps to its own)
-MACT_RUNS = 4
-MACT_RANGES = {
-    "lr_scale": (0.6, 1.6),
-    "weight_decay": (0.07, 0.2),
-    "dropout": (0.0, 0.1),
-    "attention_dropout": (0.0, 0.1),
-    "spec_augment": (0.0, 0.1),
-}
+MACT_RUNS = 4  # MAcT: runs on the focus domain, hyper-parameters from seed 002's ranges
 MAST_LAST = 4  # MAST averages the last K per-epoch snapshots
 ROUNDS = 3  # iterative AoDE: the 1st round is AoDE itself
 # sequential editing (seed 004): theta_t = theta_{t-1} + lambda * trim(theta_hat_t - theta_{t-1})
@@ -225,11 +247,6 @@ class MergeStep:
     needs: tuple[Path, ...]
     build: Callable[[], dict[str, Any]]  # the recipe without ``output``, built when it runs
     row: bool = True  # a row of the report (sequential editing's inner steps are not)
-
-
-def sample_hyperparameters(rng: random.Random) -> tuple[tuple[str, float], ...]:
-    """One MAcT run's hyper-parameters, each uniform in its :data:`MACT_RANGES` range."""
-    return tuple((key, round(rng.uniform(low, high), 6)) for key, (low, high) in MACT_RANGES.items())
 
 
 def mact_jobs(plan: DemoPlan) -> list[ExpertJob]:
@@ -257,15 +274,24 @@ def edit_job(label: str, k: int) -> ExpertJob:
 
 
 def all_jobs(plan: DemoPlan) -> list[ExpertJob]:
-    """Every fine-tuning of the demo: single-domain and LoRA experts, sequential fine-tuning
-    in the domains' order and its reverse (whose first steps are the single experts), the
-    MAcT runs, iterative AoDE's rounds and sequential editing's steps."""
+    """Every fine-tuning of the demo: single-domain experts, sequential fine-tuning in the
+    domains' order and its reverse (whose first steps are the single experts), and, as
+    the toolkit's :class:`Scenarios` say, LoRA experts, experts without LLRD, the MAcT
+    runs, iterative AoDE's rounds and sequential editing's steps."""
+    scenarios = plan.toolkit.scenarios
     orders = (TARGETS, TARGETS[::-1])
-    jobs = [ExpertJob((d,)) for d in TARGETS] + [ExpertJob((d,), lora=True) for d in TARGETS]
+    jobs = [ExpertJob((d,)) for d in TARGETS]
+    if scenarios.lora:
+        jobs += [ExpertJob((d,), lora=True) for d in TARGETS]
+    if scenarios.llrd_ablation:
+        jobs += [ExpertJob((d,), llrd=False) for d in TARGETS]
     jobs += [ExpertJob(order[:k]) for k in range(2, len(TARGETS) + 1) for order in orders]
-    jobs += mact_jobs(plan)
-    jobs += [j for variant in ("AoDE", "AoDE with orig") for k in range(2, ROUNDS + 1) for j in round_jobs(variant, k)]
-    jobs += [edit_job(label, k) for label in EDITS for k in range(2, len(TARGETS) + 1)]
+    if scenarios.trajectories:
+        jobs += mact_jobs(plan)
+    if scenarios.iterative:
+        jobs += [j for variant in ("AoDE", "AoDE with orig") for k in range(2, ROUNDS + 1) for j in round_jobs(variant, k)]
+    if scenarios.editing:
+        jobs += [edit_job(label, k) for label in EDITS for k in range(2, len(TARGETS) + 1)]
     return jobs
 
 
@@ -287,22 +313,24 @@ def mast_step(plan: DemoPlan) -> MergeStep:
 
 
 def merge_steps(plan: DemoPlan) -> list[MergeStep]:
-    """Seed 000's Tables VII and VIII, iterative AoDE, sequential editing, MAST and MAcT,
-    in the report's row order."""
+    """Seed 000's Tables VII and VIII and, as the toolkit's :class:`Scenarios` say,
+    iterative AoDE, sequential editing, MAST, MAcT and SMAcT, in the report's row order."""
+    scenarios = plan.toolkit.scenarios
     experts = [str(plan.expert_path(ExpertJob((d,)))) for d in TARGETS]
-    lora = [str(plan.expert_path(ExpertJob((d,), lora=True))) for d in TARGETS]
     base = str(plan.generalist)
     upweighted = [{"model": m, "weight": 4.0 if d == plan.upweighted else 1.0} for d, m in zip(TARGETS, experts)]
     recipes = {
         "AoDE": {"method": "average", "models": experts},
         "AoDE with orig": {"method": "average", "models": experts, "include_base": True},
-        "AoDE LoRA": {"method": "average", "models": lora},
+        "AoDE LoRA": {"method": "average", "models": [str(plan.expert_path(ExpertJob((d,), lora=True))) for d in TARGETS]},
         f"AoDE {plan.upweighted} x4": {"method": "average", "models": upweighted},
         "original x4": {"method": "average", "models": experts, "include_base": True, "base_weight": 4.0},
         "TIES": {"method": "ties", "models": experts, "parameters": {"density": 0.2, "lambda": 1.0}},
         "task arithmetic": {"method": "task_arithmetic", "models": experts, "parameters": {"lambda": 0.4}},
     }
-    for variant in ("AoDE", "AoDE with orig"):
+    if not scenarios.lora:
+        del recipes["AoDE LoRA"]
+    for variant in ("AoDE", "AoDE with orig") if scenarios.iterative else ():
         for k in range(2, ROUNDS + 1):
             recipes[round_name(variant, k)] = {
                 "method": "average",
@@ -310,17 +338,18 @@ def merge_steps(plan: DemoPlan) -> list[MergeStep]:
                 "include_base": variant == "AoDE with orig",
             }
     steps = [_static(name, {**recipe, "base_model": base}) for name, recipe in recipes.items()]
-    for label, (method, parameters) in EDITS.items():
+    for label, (method, parameters) in EDITS.items() if scenarios.editing else ():
         for k in range(1, len(TARGETS) + 1):
             previous = str(plan.merged_path(edit_name(label, k - 1))) if k > 1 else base
             recipe = {"method": method, "base_model": previous, "models": [str(plan.expert_path(edit_job(label, k)))],
                       "parameters": parameters}
             steps.append(_static(edit_name(label, k), recipe, row=k == len(TARGETS)))
-    steps.append(mast_step(plan))
-    runs = [str(plan.expert_path(j)) for j in mact_jobs(plan)]
-    steps.append(_static(f"MAcT {plan.upweighted}", {"method": "average", "base_model": base, "models": runs}))
-    smact = smact_candidates(plan)
-    steps.append(MergeStep(f"SMAcT {plan.upweighted}", tuple(map(Path, smact)), lambda: smact_recipe(plan, smact)))
+    if scenarios.trajectories:
+        steps.append(mast_step(plan))
+        runs = [str(plan.expert_path(j)) for j in mact_jobs(plan)]
+        steps.append(_static(f"MAcT {plan.upweighted}", {"method": "average", "base_model": base, "models": runs}))
+        smact = smact_candidates(plan)
+        steps.append(MergeStep(f"SMAcT {plan.upweighted}", tuple(map(Path, smact)), lambda: smact_recipe(plan, smact)))
     return steps
 
 
@@ -369,8 +398,9 @@ def run_pipeline(plan: DemoPlan, jobs: list[ExpertJob], steps: list[MergeStep], 
     with tqdm(total=len(todo), desc="experts", unit="model") as bar:
         while todo or pending:
             ready = [s for s in pending if all(p.exists() for p in s.needs)]
+            exclude = {"exclude": list(plan.toolkit.merge_exclude)} if plan.toolkit.merge_exclude else {}
             for step in ready:
-                run_merge({**step.build(), "output": str(plan.merged_path(step.name))})
+                run_merge({**step.build(), **exclude, "output": str(plan.merged_path(step.name))})
                 pending.remove(step)
             trainable = [j for j in todo if plan.init_of(j).exists()]
             if trainable:
@@ -388,10 +418,17 @@ def evaluation_rows(plan: DemoPlan, steps: list[MergeStep]) -> list[dict[str, st
     """The report's rows in Table VII's order: pretrained, fine-tunes, sequential, merges."""
     rows = [{"name": "pretrained", "model": str(plan.generalist)}]
     rows += [{"name": f"FT {d}", "model": str(plan.expert_path(ExpertJob((d,))))} for d in TARGETS]
+    if plan.toolkit.scenarios.llrd_ablation:
+        rows += [{"name": flat_name(d), "model": str(plan.expert_path(ExpertJob((d,), llrd=False)))} for d in TARGETS]
     for order in (TARGETS, TARGETS[::-1]):
         rows.append({"name": "sequential " + ">".join(order), "model": str(plan.expert_path(ExpertJob(order)))})
     rows += [{"name": s.name, "model": str(plan.merged_path(s.name))} for s in steps if s.row]
     return rows
+
+
+def flat_name(domain: str) -> str:
+    """The row of ``domain``'s fine-tune without LLRD."""
+    return f"FT {domain} without LLRD"
 
 
 def _target_average(row: dict[str, Any]) -> float:
@@ -399,75 +436,83 @@ def _target_average(row: dict[str, Any]) -> float:
     return sum(row["wer"][d] for d in TARGETS) / len(TARGETS)
 
 
+def _claim(claim: str, holds: bool, numbers: dict[str, Any]) -> dict[str, Any]:
+    return {"claim": claim, "holds": holds, "numbers": numbers}
+
+
 def check_claims(report: dict[str, Any], upweighted: str) -> list[dict[str, Any]]:
-    """Seeds 000, 002 and 004's findings, each with whether it holds here and the numbers it rests on."""
+    """Seeds 000, 002 and 004's findings, each with whether it holds here and the numbers
+    it rests on; a finding is checked when the report has its rows."""
     rows = {m["name"]: m for m in report["models"]}
     forgets = {name: m["forgetting_pct"] or 0.0 for name, m in rows.items()}
     single = {d: rows[f"FT {d}"] for d in TARGETS}
     sequential = [n for n in rows if n.startswith("sequential ") and not n.startswith("sequential editing")]
-    merges = ["AoDE", "AoDE LoRA", f"AoDE {upweighted} x4", "TIES", "task arithmetic"]
-    editing = [f"sequential editing {label}" for label in EDITS]
-    rounds = [round_name("AoDE", k) for k in range(1, ROUNDS + 1)]
-    last_round, last_round_orig = round_name("AoDE", ROUNDS), round_name("AoDE with orig", ROUNDS)
-    trajectories = ("MAST", "MAcT", "SMAcT")
-    focus = {n: rows[n]["wer"][upweighted] for n in (f"FT {upweighted}", *(f"{m} {upweighted}" for m in trajectories))}
+    merges = [n for n in ("AoDE", "AoDE LoRA", f"AoDE {upweighted} x4", "TIES", "task arithmetic") if n in rows]
     claims = [
-        {
-            "claim": f"fine-tuning on {d} improves {d} and forgets",
-            "holds": m["wer"][d] < rows["pretrained"]["wer"][d] and forgets[m["name"]] > 0,
-            "numbers": {"wer_before": rows["pretrained"]["wer"][d], "wer_after": m["wer"][d],
-                        "forgetting_pct": forgets[m["name"]]},
-        }
+        _claim(f"fine-tuning on {d} improves {d} and forgets",
+               m["wer"][d] < rows["pretrained"]["wer"][d] and forgets[m["name"]] > 0,
+               {"wer_before": rows["pretrained"]["wer"][d], "wer_after": m["wer"][d], "forgetting_pct": forgets[m["name"]]})
         for d, m in single.items()
     ]
     claims += [
-        {
-            "claim": "sequential fine-tuning forgets more than AoDE",
-            "holds": all(forgets[s] > forgets["AoDE"] for s in sequential),
-            "numbers": {n: forgets[n] for n in [*sequential, "AoDE"]},
-        },
-        {
-            "claim": "AoDE with the original forgets least of the merges",
-            "holds": all(forgets["AoDE with orig"] <= forgets[n] for n in merges),
-            "numbers": {n: forgets[n] for n in ["AoDE with orig", *merges]},
-        },
-        {
-            "claim": f"up-weighting {upweighted} moves its WER toward its expert's",
-            "holds": rows[f"AoDE {upweighted} x4"]["wer"][upweighted] < rows["AoDE"]["wer"][upweighted],
-            "numbers": {n: rows[n]["wer"][upweighted] for n in ["AoDE", f"AoDE {upweighted} x4", f"FT {upweighted}"]},
-        },
-        {
-            "claim": "iterating AoDE lowers the target domains' average WER round after round",
-            "holds": all(_target_average(rows[a]) > _target_average(rows[b]) for a, b in zip(rounds, rounds[1:])),
-            "numbers": {n: round(_target_average(rows[n]), 2) for n in rounds},
-        },
-        {
-            "claim": f"the original in round {ROUNDS}'s average reduces its forgetting",
-            "holds": forgets[last_round_orig] < forgets[last_round],
-            "numbers": {n: forgets[n] for n in (last_round, last_round_orig)},
-        },
-        {
-            "claim": "sequential editing forgets less than sequential fine-tuning (same order)",
-            "holds": all(forgets[e] < forgets[sequential[0]] for e in editing),
-            "numbers": {n: forgets[n] for n in [sequential[0], *editing]},
-        },
-        {
-            "claim": "TIES editing beats task-arithmetic editing on the target domains",
-            "holds": _target_average(rows[editing[1]]) < _target_average(rows[editing[0]]),
-            "numbers": {n: round(_target_average(rows[n]), 2) for n in editing},
-        },
-        {
-            "claim": f"MAST, MAcT and SMAcT each beat plain fine-tuning on {upweighted}",
-            "holds": all(wer < focus[f"FT {upweighted}"] for n, wer in focus.items() if not n.startswith("FT")),
-            "numbers": focus,
-        },
-        {
-            "claim": f"SMAcT is at least as good as MAcT on {upweighted}",
-            "holds": focus[f"SMAcT {upweighted}"] <= focus[f"MAcT {upweighted}"],
-            "numbers": {n: focus[n] for n in (f"MAcT {upweighted}", f"SMAcT {upweighted}")},
-        },
+        _claim("sequential fine-tuning forgets more than AoDE",
+               all(forgets[s] > forgets["AoDE"] for s in sequential), {n: forgets[n] for n in [*sequential, "AoDE"]}),
+        _claim("AoDE forgets less than every single-domain fine-tune",
+               all(forgets["AoDE"] < forgets[f"FT {d}"] for d in TARGETS),
+               {n: forgets[n] for n in ["AoDE", *(f"FT {d}" for d in TARGETS)]}),
+        _claim("AoDE with the original forgets least of the merges",
+               all(forgets["AoDE with orig"] <= forgets[n] for n in merges),
+               {n: forgets[n] for n in ["AoDE with orig", *merges]}),
+        _claim(f"up-weighting {upweighted} moves its WER toward its expert's",
+               rows[f"AoDE {upweighted} x4"]["wer"][upweighted] < rows["AoDE"]["wer"][upweighted],
+               {n: rows[n]["wer"][upweighted] for n in ["AoDE", f"AoDE {upweighted} x4", f"FT {upweighted}"]}),
     ]
+    if flat_name(TARGETS[0]) in rows:
+        pairs = [(f"FT {d}", flat_name(d)) for d in TARGETS]
+        claims.append(_claim("LLRD makes every single-domain fine-tune forget less",
+                             all(forgets[llrd] < forgets[flat] for llrd, flat in pairs),
+                             {n: forgets[n] for pair in pairs for n in pair}))
+    if round_name("AoDE", ROUNDS) in rows:
+        claims += iterative_claims(rows, forgets)
+    if "sequential editing TA" in rows:
+        claims += editing_claims(rows, forgets, sequential[0])
+    if f"MAcT {upweighted}" in rows:
+        claims += trajectory_claims(rows, upweighted)
     return claims
+
+
+def iterative_claims(rows: dict[str, Any], forgets: dict[str, float]) -> list[dict[str, Any]]:
+    rounds = [round_name("AoDE", k) for k in range(1, ROUNDS + 1)]
+    last_round, last_round_orig = round_name("AoDE", ROUNDS), round_name("AoDE with orig", ROUNDS)
+    return [
+        _claim("iterating AoDE lowers the target domains' average WER round after round",
+               all(_target_average(rows[a]) > _target_average(rows[b]) for a, b in zip(rounds, rounds[1:])),
+               {n: round(_target_average(rows[n]), 2) for n in rounds}),
+        _claim(f"the original in round {ROUNDS}'s average reduces its forgetting",
+               forgets[last_round_orig] < forgets[last_round], {n: forgets[n] for n in (last_round, last_round_orig)}),
+    ]
+
+
+def editing_claims(rows: dict[str, Any], forgets: dict[str, float], sequential: str) -> list[dict[str, Any]]:
+    editing = [f"sequential editing {label}" for label in EDITS]
+    return [
+        _claim("sequential editing forgets less than sequential fine-tuning (same order)",
+               all(forgets[e] < forgets[sequential] for e in editing), {n: forgets[n] for n in [sequential, *editing]}),
+        _claim("TIES editing beats task-arithmetic editing on the target domains",
+               _target_average(rows[editing[1]]) < _target_average(rows[editing[0]]),
+               {n: round(_target_average(rows[n]), 2) for n in editing}),
+    ]
+
+
+def trajectory_claims(rows: dict[str, Any], upweighted: str) -> list[dict[str, Any]]:
+    names = (f"FT {upweighted}", *(f"{m} {upweighted}" for m in ("MAST", "MAcT", "SMAcT")))
+    focus = {n: rows[n]["wer"][upweighted] for n in names}
+    return [
+        _claim(f"MAST, MAcT and SMAcT each beat plain fine-tuning on {upweighted}",
+               all(wer < focus[names[0]] for n, wer in focus.items() if n != names[0]), focus),
+        _claim(f"SMAcT is at least as good as MAcT on {upweighted}",
+               focus[names[3]] <= focus[names[2]], {n: focus[n] for n in names[2:]}),
+    ]
 
 
 def run_demo(
@@ -482,9 +527,11 @@ def run_demo(
 ) -> dict[str, Any]:
     """Run the whole demo (see the module docstring) with ``toolkit``; returns ``demo.json``'s content."""
     start = time.perf_counter()
-    out = Path(out or f"outputs/demo/{toolkit.name}-{size}").resolve()
+    out = Path(out or f"outputs/demo/{toolkit.label or toolkit.name}-{size}").resolve()
+    if generalist is None and toolkit.prepare_generalist is not None:
+        generalist = toolkit.prepare_generalist(out)
     plan = DemoPlan(toolkit, out, Path(corpus or out / "corpus").resolve(),
-                    Path(generalist or toolkit.generalist).resolve(), DEMO_SIZES[size], seed, upweighted)
+                    Path(generalist or toolkit.generalist).resolve(), toolkit.sizes[size], seed, upweighted)
     prepare_data(plan)
     steps = merge_steps(plan)
     run_pipeline(plan, all_jobs(plan), steps, jobs or max(1, os.cpu_count() or 1))

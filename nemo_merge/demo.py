@@ -10,12 +10,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from nemo.collections.asr.models import ASRModel
 from omegaconf import DictConfig, OmegaConf
 
 import nemo_merge.nemo_io  # noqa: F401 (registers .nemo checkpoints for merging)
 from merge_core.demo import DemoPlan, DemoToolkit, ExpertJob
 from nemo_merge.evaluate import evaluate
+from nemo_merge.mact import mact_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 GENERALIST = REPO / "models" / "nemo_generalist.nemo"
@@ -76,20 +76,6 @@ def export_callback(plan: DemoPlan, job: ExpertJob) -> dict[str, Any]:
     """The expert at the end of training, or at its best dev WER for a MAcT run."""
     target = "ExportBestExpert" if job.keeps_best else "ExportExpert"
     return {"_target_": f"nemo_merge.callbacks.{target}", "path": str(plan.expert_path(job))}
-
-
-def mact_overrides(cfg: DictConfig, hyper: dict[str, float]) -> dict[str, Any]:
-    """A MAcT run's sampled hyper-parameters as config keys: the learning rate and weight
-    decay, the encoder's dropouts (through ``model_overrides``) and SpecAugment's time-mask
-    width (the fraction of the utterance one mask may cover)."""
-    generalist_spec = ASRModel.restore_from(str(cfg.init_from_nemo_model), return_config=True).spec_augment
-    return {
-        "model": {
-            "optim": {"lr": cfg.model.optim.lr * hyper["lr_scale"], "weight_decay": hyper["weight_decay"]},
-            "spec_augment": {**OmegaConf.to_container(generalist_spec), "time_width": hyper["spec_augment"]},
-        },
-        "model_overrides": {"encoder": {"dropout": hyper["dropout"], "dropout_att": hyper["attention_dropout"]}},
-    }
 
 
 def train_expert(plan: DemoPlan, job: ExpertJob, threads: int) -> Path:

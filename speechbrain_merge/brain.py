@@ -44,6 +44,17 @@ from merge_core.training.lora import LoraSettings, apply_lora, has_lora
 from speechbrain_merge.training import export_expert, llrd_optimizer, write_trajectory_snapshot
 
 
+def brain_from_hparams(brain_class: type[sb.Brain], hparams: dict[str, Any], run_opts: Any = None) -> sb.Brain:
+    """``brain_class`` over the hparams' ``modules``, ``opt_class`` and ``checkpointer``, as recipes build it."""
+    return brain_class(
+        modules=hparams["modules"],
+        opt_class=hparams["opt_class"],
+        hparams=hparams,
+        run_opts=run_opts,
+        checkpointer=hparams["checkpointer"],
+    )
+
+
 class MergeableBrain(sb.Brain):
     """``sb.Brain`` with LLRD, STLR, LoRA, L-MAM, trajectory snapshots and expert export,
     each switched on by its hparams key (see the module docstring)."""

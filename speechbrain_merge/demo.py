@@ -130,8 +130,12 @@ def train_expert(plan: DemoPlan, job: ExpertJob, threads: int) -> Path:
     else:
         # no validation set: the demo evaluates every model on the test sets afterwards
         brain.fit(hparams["epoch_counter"], train, None, train_loader_kwargs=hparams["train_dataloader_opts"])
-    exported = max((work_dir / "export").glob("CKPT+*"), key=os.path.getmtime)
-    dest = plan.expert_path(job)
+    return publish_export(work_dir / "export", plan.expert_path(job))
+
+
+def publish_export(export_dir: Path, dest: Path) -> Path:
+    """The run's exported ``CKPT+`` folder renamed to ``dest`` (so a folder that exists is whole)."""
+    exported = max(export_dir.glob("CKPT+*"), key=os.path.getmtime)
     dest.parent.mkdir(parents=True, exist_ok=True)
     os.rename(exported, dest)
     return dest

@@ -12,9 +12,13 @@ CSVs in ``librispeech_prepare.py``'s layout. SpeechBrain adds:
   (e.g. ``configs/speechbrain/tiny_ctc_inference.yaml``);
 - ``hparams_overrides``: overrides of it, as ``from_hparams(overrides=...)`` takes them
   (e.g. ``{tokenizer_file: results/tiny/tokenizer/40_unigram.model}``);
-- ``interface``: the ``speechbrain.inference.ASR`` class, ``EncoderASR`` (default) or
-  ``EncoderDecoderASR``;
-- ``data_root``: the value of ``$data_root`` in the CSVs' ``wav`` column.
+- ``interface``: the ``speechbrain.inference.ASR`` class, ``EncoderASR`` (default),
+  ``EncoderDecoderASR`` or ``WhisperASR`` (e.g. ``configs/speechbrain/whisper_inference.yaml``);
+- ``data_root``: the value of ``$data_root`` in the CSVs' ``wav`` column;
+- ``encoder_states_dir`` (``WhisperASR`` only): a folder where encoder outputs are kept
+  per (encoder weights, audio file) and reused by every model whose encoder is
+  bit-identical, as decoder-only experts and their merges are
+  (:class:`speechbrain_merge.whisper.EncoderStates`); the transcripts do not change.
 
 A model is named in one of two ways:
 
@@ -30,6 +34,7 @@ Either way the interface decodes with its own batched ``transcribe_batch``.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import sys
@@ -51,8 +56,9 @@ from merge_core.provenance import file_sha256
 from merge_core.recipe import load_yaml_config
 from speechbrain_merge.arguments import parse_arguments
 from speechbrain_merge.checkpoint_io import PARAM_SUFFIX, not_a_checkpoint_reason, tensor_state_dict
+from speechbrain_merge.whisper import EncoderStates, encode_audio
 
-INTERFACES = ("EncoderASR", "EncoderDecoderASR")
+INTERFACES = ("EncoderASR", "EncoderDecoderASR", "WhisperASR")
 
 
 @dataclass(frozen=True)
@@ -63,6 +69,7 @@ class SpeechBrainOptions:
     hparams_overrides: Mapping[str, Any] = field(default_factory=dict)
     interface: str = "EncoderASR"
     data_root: str | None = None
+    encoder_states_dir: Path | None = None
 
     @classmethod
     def from_mapping(cls, raw: Mapping[str, Any]) -> "SpeechBrainOptions":
@@ -78,7 +85,11 @@ class SpeechBrainOptions:
         if hparams is not None and not hparams.is_file():
             raise EvaluationError(f"evaluation key 'hparams': {raw['hparams']!r} is not a file")
         data_root = raw.get("data_root")
-        return cls(hparams, dict(overrides), interface, None if data_root is None else str(data_root))
+        states = raw.get("encoder_states_dir")
+        if states is not None and interface != "WhisperASR":
+            raise EvaluationError(f"evaluation key 'encoder_states_dir' is for interface WhisperASR, not {interface}")
+        return cls(hparams, dict(overrides), interface, None if data_root is None else str(data_root),
+                   None if states is None else Path(states).resolve())
 
 
 def split_config(raw: Mapping[str, Any] | DictConfig) -> tuple[SpeechBrainOptions, EvalConfig]:
@@ -216,6 +227,17 @@ def transcribe_batch(asr: Any, utterances: Sequence[Utterance]) -> list[str]:
     return [str(w) for w in words]
 
 
+def transcribe_whisper_batch(asr: Any, utterances: Sequence[Utterance], store: EncoderStates) -> list[str]:
+    """``WhisperASR.transcribe_batch`` with the encoder outputs taken from ``store``
+    when this model's encoder already produced them."""
+    wavs, wav_lens = padded_batch(asr, utterances)
+    whisper = asr.mods.whisper
+    states = store.states(whisper, [u.audio for u in utterances], lambda i: encode_audio(whisper, wavs[i].to(asr.device)))
+    with torch.no_grad():
+        tokens, _, _, _ = asr.mods.decoder(states.to(asr.device), wav_lens.float().to(asr.device))
+    return [asr.tokenizer.decode(t, skip_special_tokens=True).strip() for t in tokens]
+
+
 class SpeechBrainBackend(Backend):
     toolkit = "speechbrain"
 
@@ -253,11 +275,12 @@ class SpeechBrainBackend(Backend):
     def transcribe(self, spec: ModelSpec, utterances: list[Utterance], config: EvalConfig) -> list[str]:
         asr = self._interface(spec, config)
         size = config.batch_size
-        return [
-            h
-            for start in range(0, len(utterances), size)
-            for h in transcribe_batch(asr, utterances[start : start + size])
-        ]
+        states = self.options.encoder_states_dir
+        if states is None:
+            batch = transcribe_batch
+        else:
+            batch = functools.partial(transcribe_whisper_batch, store=EncoderStates(states))
+        return [h for start in range(0, len(utterances), size) for h in batch(asr, utterances[start : start + size])]
 
     def release(self, spec: ModelSpec) -> None:
         _, folder = self._loaded.pop(spec.name, (None, None))

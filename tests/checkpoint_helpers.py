@@ -4,8 +4,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from merge_core.checkpoint import open_checkpoint
 from merge_core.engine import write_stream
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint (any kind), by name, in its stored order."""
+    with open_checkpoint(path) as reader:
+        return {name: reader.get(name).clone() for name in reader.keys()}
 
 
 def scaled_copy(source: Path, dest: Path, prefix: str, factor: float = 50.0) -> Path:

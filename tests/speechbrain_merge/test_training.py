@@ -3,7 +3,6 @@ and LLRD over a tiny random Whisper loaded through SpeechBrain's wrapper."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,7 @@ from speechbrain_merge.training import (
     stacked_llrd_param_groups,
 )
 
-from .conftest import checkpoints
+from .conftest import checkpoints, write_tiny_whisper
 
 LAYER = r"^Transformer\.encoder\.layers\.(\d+)\."
 LORA_TARGETS = r"Transformer\.encoder\.layers\.\d+\.(convolution_module\.(bottleneck\.0|conv|after_conv\.2)|ffn_module1\.1\.ffn\.0)|ctc_lin\.w"
@@ -196,45 +195,6 @@ def test_stlr_resumes_at_the_saved_step(tmp_path):
 def test_bad_llrd_sections_name_the_key(section, key):
     with pytest.raises(TrainingConfigError, match=key):
         check_llrd_section(section)
-
-
-def write_tiny_whisper(folder: Path) -> Path:
-    """A random 2 + 2 layer Whisper, its feature extractor and a byte-level tokenizer
-    (256 byte tokens and Whisper's special tokens, no merges): what the wrapper loads."""
-    from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration, WhisperTokenizer
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-    special = [
-        "<|endoftext|>",
-        "<|startoftranscript|>",
-        "<|en|>",
-        "<|transcribe|>",
-        "<|translate|>",
-        "<|notimestamps|>",
-    ]
-    vocab = {token: i for i, token in enumerate(list(bytes_to_unicode().values()) + special)}
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    hub = folder / "whisper_hub"
-    config = WhisperConfig(
-        vocab_size=len(vocab),
-        d_model=64,
-        encoder_layers=2,
-        decoder_layers=2,
-        encoder_attention_heads=2,
-        decoder_attention_heads=2,
-        encoder_ffn_dim=128,
-        decoder_ffn_dim=128,
-        max_target_positions=64,
-        decoder_start_token_id=vocab["<|startoftranscript|>"],
-        pad_token_id=vocab["<|endoftext|>"],
-        eos_token_id=vocab["<|endoftext|>"],
-        bos_token_id=vocab["<|endoftext|>"],
-    )
-    WhisperForConditionalGeneration(config).save_pretrained(hub)
-    WhisperTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt")).save_pretrained(hub)
-    WhisperFeatureExtractor(feature_size=config.num_mel_bins).save_pretrained(hub)
-    return hub
 
 
 def test_whisper_llrd_decays_encoder_and_decoder_from_their_own_tops(tmp_path):
