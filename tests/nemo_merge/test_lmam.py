@@ -19,7 +19,8 @@ from merge_core.errors import TrainingConfigError  # noqa: E402
 from merge_core.lmam import has_lmam, lmam_lambdas  # noqa: E402
 from nemo_merge.callbacks import ExpertSetup, ExportExpert, TrajectorySnapshots  # noqa: E402
 from nemo_merge.lmam import apply_lmam_from_config, lmam_settings  # noqa: E402
-from tests.nemo_merge.test_finetune import audio, fit, log_probs, weights  # noqa: E402
+from tests.checkpoint_helpers import read_weights  # noqa: E402
+from tests.nemo_merge.test_finetune import audio, fit, log_probs  # noqa: E402
 
 D_MODEL, N_LAYERS, INIT = 96, 3, 0.3  # the tiny FastConformer's width and depth
 Q = "encoder.layers.{}.self_attn.linear_q.weight"
@@ -73,7 +74,7 @@ def test_exported_lmam_expert_is_plain_and_gives_the_parametrized_outputs(lmam_r
     trained = log_probs(model, signal, lengths)
     exported = ASRModel.restore_from(str(lmam_run.export), map_location="cpu")
     assert (log_probs(exported, signal, lengths) - trained).abs().max() < 1e-5
-    expert, base = weights(lmam_run.export), weights(tiny_nemo_base)
+    expert, base = read_weights(lmam_run.export), read_weights(tiny_nemo_base)
     assert set(expert) == set(base)
     # Eq. 3 on a folded tensor: lambda W_s + (1 - lambda) W_t, W_t the still-parametrized original
     p = _interpolation(model, 2)
@@ -84,8 +85,8 @@ def test_exported_lmam_expert_is_plain_and_gives_the_parametrized_outputs(lmam_r
     assert has_lmam(model) and not torch.allclose(p.original, expert[Q.format(2)])
     snapshots = sorted((lmam_run.root / "snapshots").iterdir())
     assert [s.name for s in snapshots] == ["step-00000002.safetensors", "step-00000004.safetensors"]
-    assert set(weights(snapshots[-1])) == set(base)
-    assert torch.equal(weights(snapshots[-1])[Q.format(2)], expert[Q.format(2)])
+    assert set(read_weights(snapshots[-1])) == set(base)
+    assert torch.equal(read_weights(snapshots[-1])[Q.format(2)], expert[Q.format(2)])
 
 
 def test_lmam_is_refused_with_lora_and_bad_sections_name_the_key(tiny_nemo_base, bert_source):
