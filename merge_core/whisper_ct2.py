@@ -489,30 +489,27 @@ def build_configs(sizes: Mapping[str, int], tied: bool, ct2_config: Mapping[str,
     from transformers import GenerationConfig, WhisperConfig
 
     ids = _special_ids(tokenizer, where)
-    suppress = list(ct2_config.get("suppress_ids") or [])
-    begin_suppress = list(ct2_config.get("suppress_ids_begin") or [])
+    # the special tokens and suppressions the model config and the generation config both carry
+    tokens = {
+        "decoder_start_token_id": ids["sot"],
+        "bos_token_id": ids["sot"],
+        "eos_token_id": ids["eot"],
+        "pad_token_id": ids["eot"],
+        "suppress_tokens": list(ct2_config.get("suppress_ids") or []),
+        "begin_suppress_tokens": list(ct2_config.get("suppress_ids_begin") or []),
+    }
     config = WhisperConfig(
         **sizes,
         activation_function="gelu",  # CTranslate2's GELU (id 3) is the exact erf form
         scale_embedding=False,
         tie_word_embeddings=tied,
-        decoder_start_token_id=ids["sot"],
-        bos_token_id=ids["sot"],
-        eos_token_id=ids["eot"],
-        pad_token_id=ids["eot"],
-        suppress_tokens=suppress,
-        begin_suppress_tokens=begin_suppress,
+        **tokens,
         architectures=["WhisperForConditionalGeneration"],
     )
     multilingual = sizes["vocab_size"] >= _MULTILINGUAL_VOCAB
     generation = GenerationConfig(
-        decoder_start_token_id=ids["sot"],
-        bos_token_id=ids["sot"],
-        eos_token_id=ids["eot"],
-        pad_token_id=ids["eot"],
+        **tokens,
         max_length=sizes["max_target_positions"],
-        suppress_tokens=suppress,
-        begin_suppress_tokens=begin_suppress,
         no_timestamps_token_id=ids["no_timestamps"],
         prev_sot_token_id=ids["prev"],
         max_initial_timestamp_index=50,

@@ -44,6 +44,7 @@ def finetune_config(plan: DemoPlan, job: ExpertJob, work_dir: Path) -> DictConfi
             "validation_ds": {**data, "manifest_filepath": str(plan.manifest(domain, "dev"))},
             "test_ds": data,
             "optim": {"lr": size.lora_lr if job.lora else size.lr},
+            **({} if job.llrd else {"llrd": None}),  # the LLRD ablation: one rate for every layer
         },
         "trainer": {
             "devices": 1,

@@ -27,6 +27,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from merge_core.errors import RecipeError
 from merge_core.mact import Hyper, MactRecipe
 
 EXPORT_BEST = "nemo_merge.callbacks.ExportBestExpert"
@@ -53,7 +54,7 @@ def run_config(recipe: MactRecipe, hyper: Hyper, run_dir: Path) -> tuple[DictCon
     """The run's full fine-tuning config and where its best model is exported."""
     train = recipe.train
     if not train.get("config"):
-        raise ValueError("train.config: the NeMo fine-tuning config (e.g. configs/nemo/finetune_expert.yaml) is missing")
+        raise RecipeError("train.config: the NeMo fine-tuning config (e.g. configs/nemo/finetune_expert.yaml) is missing")
     cfg = OmegaConf.merge(OmegaConf.load(train["config"]), OmegaConf.from_dotlist(list(train.get("overrides") or [])))
     cfg.name = run_dir.name
     cfg.output_dir = str(run_dir)

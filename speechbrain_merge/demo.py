@@ -87,7 +87,7 @@ def expert_hparams(plan: DemoPlan, job: ExpertJob, work_dir: Path) -> dict[str, 
     with open(TRAIN_HPARAMS, encoding="utf-8") as f:
         hparams = load_hyperpyyaml(f, overrides)
     hparams.update(
-        llrd=LLRD,
+        llrd=LLRD if job.llrd else None,
         stlr=SlantedTriangularSchedule(max_steps=size.epochs * steps_per_epoch, **STLR),
         export_recoverables=KEPT,
     )

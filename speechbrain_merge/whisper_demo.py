@@ -33,7 +33,7 @@ import speechbrain_merge.checkpoint_io  # noqa: F401 (registers CKPT+ folders fo
 from merge_core.demo import SEED000_SCENARIOS, DemoPlan, DemoSize, DemoToolkit, ExpertJob
 from merge_core.pretrained import fetch_model
 from speechbrain_merge.evaluate import evaluate
-from speechbrain_merge.demo import publish_export
+from speechbrain_merge.demo import csv_rows, publish_export
 from speechbrain_merge.recipes.train_whisper import fit
 from speechbrain_merge.whisper import CHECKPOINT_NAME, write_generalist
 
@@ -81,8 +81,7 @@ def expert_hparams(plan: DemoPlan, job: ExpertJob, work_dir: Path, train_csv: Pa
     from hyperpyyaml import load_hyperpyyaml
 
     size = plan.size
-    with open(train_csv, encoding="utf-8") as f:
-        steps_per_epoch = math.ceil((sum(1 for _ in f) - 1) / size.batch_size)
+    steps_per_epoch = math.ceil(csv_rows(train_csv) / size.batch_size)
     overrides = {
         "output_folder": str(work_dir),
         "whisper_hub": str(whisper_hub()),
