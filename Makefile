@@ -24,7 +24,7 @@ demo: $(STAMP)
 demo-smoke: $(STAMP)
 	$(BIN)/asr-merge demo --smoke
 
-# seed 000's scenarios with a real pretrained generalist (Whisper tiny.en from its pinned wheel)
+# the AoDE paper's scenarios with a real pretrained generalist (Whisper tiny.en from its pinned wheel)
 demo-whisper: $(STAMP)
 	$(BIN)/asr-merge demo --toolkit speechbrain --generalist whisper-tiny.en
 
@@ -35,12 +35,12 @@ test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/merge_bench.py
-	$(BIN)/python benchmarks/nemo_merge_bench.py
-	$(BIN)/python benchmarks/nemo_eval_bench.py
-	$(BIN)/python benchmarks/nemo_train_overhead.py
-	$(BIN)/python benchmarks/sb_merge_bench.py
-	$(BIN)/python benchmarks/greedy_cost.py
+	$(BIN)/python -m benchmarks.merge_bench
+	$(BIN)/python -m benchmarks.nemo_merge_bench
+	$(BIN)/python -m benchmarks.nemo_eval_bench
+	$(BIN)/python -m benchmarks.nemo_train_overhead
+	$(BIN)/python -m benchmarks.sb_merge_bench
+	$(BIN)/python -m benchmarks.greedy_cost
 
 clean:
 	rm -rf $(VENV)

@@ -8,9 +8,9 @@ shipped generalist ``models/nemo_generalist.nemo`` (every float tensor outside t
 preprocessor plus Gaussian noise of 1% of the tensor's standard deviation, seeded).
 A trial scores the uniform average of the generalist and one candidate on the first
 ``--utterances`` dev utterances. Then, in one run, each variant in a fresh child
-process (``measure.py``), CPU, ``--threads`` torch threads:
+process (``benchmarks/measure.py``), CPU, ``--threads`` torch threads:
 
-* ``smact``: what :func:`merge_core.soup.run_greedy_soup` does per trial: the
+* ``smact``: what :func:`merge_core.recipes.greedy_soup.run_greedy_soup` does per trial: the
   candidate's tensors added to the running sum and divided, the result loaded into
   the model restored once (``load_state_dict``), encoder + decoder + decoding on the
   preprocessor features computed once. The one-off set-up (restore, features, M_0's
@@ -27,38 +27,36 @@ private memory of each process, and the ratio naive / smact of the median trial.
 The corpus (``--corpus``, default ``/work/data/corpus`` or ``data/corpus``) is built at the
 default size when it has no ``LibriSpeech/dev-clean``.
 
-Usage: ``python benchmarks/greedy_cost.py [--corpus DIR] [--utterances 80]
+Usage: ``python -m benchmarks.greedy_cost [--corpus DIR] [--utterances 80]
 [--candidates 3] [--threads 1] [--workdir DIR] [--quiet-wait 5] [--retries 0]``.
 """
 
 from __future__ import annotations
 
-import argparse
 import statistics
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))  # run from a source tree without installing
-
-from measure import (  # noqa: E402  (benchmarks/ is on sys.path when this script runs)
-    Column,
+from benchmarks.measure import (
+    ChildFn,
     Quiet,
     Result,
+    add_quiet_options,
+    add_workdir_option,
+    bench_parser,
     child_main,
     gib,
     machine_summary,
-    render_table,
     run_quietly,
     timed,
 )
+from benchmarks.tables import Column, render_table
 
-SCRIPT = Path(__file__).resolve()
+MODULE = __spec__.name  # every variant's child: python -m MODULE --run SPEC
+REPO = Path(__file__).resolve().parents[1]
 GENERALIST = REPO / "models" / "nemo_generalist.nemo"
 NOISE = 0.01  # of each tensor's standard deviation
 # this project's machines keep the default-size corpus there; elsewhere the README's data/corpus
@@ -91,12 +89,11 @@ def perturbed_copy(source: Path, dest: Path, seed: int) -> Path:
 
 def ensure_inputs(workdir: Path, corpus: Path, candidates: int) -> tuple[Path, list[Path]]:
     """The dev-clean manifest and the perturbed candidates, built once."""
-    import nemo_merge.nemo_io  # noqa: F401  (registers .nemo)
-    from merge_core.corpus import prepare_librispeech
+    from merge_core.app.corpus import prepare_librispeech
 
     manifest = workdir / "manifests" / "dev_clean.json"
     if not (corpus / "LibriSpeech" / "dev-clean").is_dir():
-        from merge_core.corpus import prepare_synthetic_corpus
+        from merge_core.app.corpus import prepare_synthetic_corpus
 
         prepare_synthetic_corpus(corpus, size="default")  # ~1 min on 2 cores
     if not manifest.is_file():
@@ -112,7 +109,7 @@ def ensure_inputs(workdir: Path, corpus: Path, candidates: int) -> tuple[Path, l
 
 
 def soup_recipe(spec: dict[str, Any]):
-    from merge_core.soup import SoupRecipe
+    from merge_core.recipes.greedy_soup import SoupRecipe
 
     return SoupRecipe.from_mapping({
         "method": "greedy_soup",
@@ -126,15 +123,14 @@ def soup_recipe(spec: dict[str, Any]):
 def child_smact(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
-    import nemo_merge  # noqa: F401  (registers .nemo and its dev evaluator)
-    from merge_core.engine import open_inputs
-    from merge_core.soup import candidate_loader, dev_evaluator, template_soup
+    from merge_core.engine import open_inputs, plan_actions
+    from merge_core.recipes.greedy_soup import candidate_loader, dev_evaluator, template_soup
 
     torch.set_num_threads(spec["threads"])
     recipe = soup_recipe(spec)
     with open_inputs(recipe.candidates) as inputs:
         evaluate = dev_evaluator(inputs.template, recipe.dev)
-        soup, merged = template_soup(recipe.candidates, inputs.template)
+        soup, merged = template_soup(plan_actions(recipe.candidates, inputs.template), inputs.template)
         load = candidate_loader(recipe.candidates, inputs, merged)
         total, state = soup.with_candidate(load(str(GENERALIST)))
         soup.keep(total)
@@ -158,9 +154,9 @@ def child_naive(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
     from nemo.collections.asr.models import ASRModel
 
-    from merge_core.cli import main as asr_merge
+    from merge_core.app.cli import main as asr_merge
+    from merge_core.evaluation.manifests import read_nemo_manifest
     from merge_core.evaluation.wer import score
-    from merge_core.manifests import read_nemo_manifest
     from nemo_merge.evaluate import hypothesis_text
 
     torch.set_num_threads(spec["threads"])
@@ -195,7 +191,7 @@ def child_naive(spec: dict[str, Any]) -> dict[str, Any]:
     return timed(trials)
 
 
-CHILDREN = {"smact": child_smact, "naive": child_naive}
+CHILDREN: dict[str, ChildFn] = {"smact": child_smact, "naive": child_naive}
 
 
 # ------------------------------------------------------------------------ report
@@ -228,15 +224,13 @@ COLUMNS = [
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--run", help=argparse.SUPPRESS)
+    parser = bench_parser(MODULE, __doc__)
     parser.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS, help="synthetic corpus (built there when missing)")
-    parser.add_argument("--utterances", type=int, default=80)
-    parser.add_argument("--candidates", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--workdir", type=Path)
-    parser.add_argument("--quiet-wait", type=float, default=5.0)
-    parser.add_argument("--retries", type=int, default=0)
+    parser.add_argument("--utterances", type=int, default=80, help="dev-clean utterances each trial decodes")
+    parser.add_argument("--candidates", type=int, default=3, help="perturbed copies of the generalist: one trial each")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of both variants")
+    add_workdir_option(parser, default=None, about="inputs and outputs go here (default: a new temporary folder)")
+    add_quiet_options(parser, wait_s=5.0, retries=0)
     args = parser.parse_args()
     if args.run:
         child_main(args.run, CHILDREN)
@@ -247,8 +241,8 @@ def main() -> None:
     spec = {"manifest": str(manifest), "candidates": [str(c) for c in candidates], "utterances": args.utterances,
             "threads": args.threads, "workdir": str(workdir)}
     quiet, log = Quiet(args.quiet_wait, args.retries), workdir / "children.log"
-    rows = [Row(run_quietly(SCRIPT, kind, {**spec, "kind": kind}, quiet, log=log)) for kind in ("smact", "naive")]
-    from merge_core.manifests import read_nemo_manifest
+    rows = [Row(run_quietly(MODULE, kind, {**spec, "kind": kind}, quiet, log=log)) for kind in ("smact", "naive")]
+    from merge_core.evaluation.manifests import read_nemo_manifest
 
     used = len(read_nemo_manifest(manifest)[: args.utterances])
     print(f"{machine_summary()}; {args.threads} torch thread(s); {used} dev-clean utterances; "

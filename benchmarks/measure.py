@@ -2,9 +2,9 @@
 
 How it measures
 ---------------
-A benchmark script doubles as its own child: the parent runs
-``python SCRIPT --run SPEC`` (``SPEC`` a JSON object whose ``kind`` picks the
-variant) through :func:`run_child`, and the child calls :func:`child_main`, which
+A benchmark module doubles as its own child: the parent runs
+``python -m benchmarks.<name> --run SPEC`` (``SPEC`` a JSON object whose ``kind``
+picks the variant) through :func:`run_child`, and the child calls :func:`child_main`, which
 runs the variant inside :func:`timed` and prints one JSON line. So memory never
 carries over from one variant to the next, and each variant imports what it needs
 before the timer starts.
@@ -22,12 +22,15 @@ before the timer starts.
   during which they used the CPUs anyway, and keeps the least disturbed run; each
   :class:`Result` says how many cores others used meanwhile (``other_cores``).
 
-The table helpers (:class:`Column`, :func:`render_table`, :func:`gib`, :func:`verdict`)
-format results as fixed-width text tables and PASS/FAIL lines.
+The child inherits the parent's working folder and environment, so it imports the
+``benchmarks`` package wherever the parent did. :func:`bench_parser`,
+:func:`add_workdir_option` and :func:`add_quiet_options` give every benchmark the same
+command-line options; :mod:`benchmarks.tables` formats the results.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -36,15 +39,17 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 GIB = 1 << 30
 MB = 10**6
 CHUNK = 16 << 20
 SAMPLE_S = 0.005
 QUIET_CORES = 0.2  # other processes using fewer cores than this leave a run undisturbed
+WORKDIR = Path(tempfile.gettempdir()) / "asr-merge-bench"  # where the benchmarks cache their inputs
 
 ChildFn = Callable[[dict[str, Any]], dict[str, Any]]
 
@@ -88,6 +93,11 @@ def wait_for_quiet(max_wait_s: float, threshold: float) -> float:
         load = (cpu_busy_s() - busy - (own_cpu_s() - own)) / (time.monotonic() - start)
         if load < threshold or time.monotonic() > deadline:
             return load
+
+
+def gib(kib: float) -> float:
+    """KiB (as /proc reports them) in GiB."""
+    return kib * 1024 / GIB
 
 
 def machine_summary() -> str:
@@ -169,15 +179,16 @@ def log_tail(log: Path, lines: int = 20) -> str:
 
 
 def run_child(
-    script: Path,
+    module: str,
     variant: str,
     spec: dict[str, Any],
     env: Mapping[str, str] | None = None,
     log: Path | None = None,
 ) -> Result:
-    """Run ``script --run SPEC`` in a fresh interpreter, sampling its memory every ~5 ms.
-    The child's stderr goes to ``log`` (appended) when given, else to ours."""
-    cmd = [sys.executable, str(script), "--run", json.dumps(spec)]
+    """Run ``python -m MODULE --run SPEC`` in a fresh interpreter (this one's working
+    folder and environment), sampling its memory every ~5 ms. The child's stderr goes
+    to ``log`` (appended) when given, else to ours."""
+    cmd = [sys.executable, "-m", module, "--run", json.dumps(spec)]
     # stdout to a file, not a pipe: nobody reads a pipe while the child runs, and a full one would block it
     with tempfile.TemporaryFile("w+") as stdout, open(log, "a") if log else contextlib.nullcontext() as stderr:
         child_env = {**os.environ, **(env or {})}
@@ -212,7 +223,7 @@ def run_child(
 
 
 def run_quietly(
-    script: Path,
+    module: str,
     variant: str,
     spec: dict[str, Any],
     quiet: Quiet,
@@ -225,7 +236,7 @@ def run_quietly(
         load = wait_for_quiet(quiet.wait_s, QUIET_CORES)
         if load >= QUIET_CORES:
             print(f"  warning: other processes use {load:.1f} cores before {variant}", flush=True)
-        runs.append(run_child(script, variant, spec, env, log))
+        runs.append(run_child(module, variant, spec, env, log))
         if runs[-1].other_cores < QUIET_CORES:
             break
         print(f"  {variant}: other processes used {runs[-1].other_cores:.2f} cores meanwhile", flush=True)
@@ -277,31 +288,36 @@ def child_main(raw: str, children: Mapping[str, ChildFn]) -> None:
     print(json.dumps(children[spec["kind"]](spec)), flush=True)
 
 
-# ------------------------------------------------------------------------ tables
+# ------------------------------------------------------------------------ options
 
 
-def gib(kib: float) -> float:
-    return kib * 1024 / GIB
+def bench_parser(module: str, doc: str) -> argparse.ArgumentParser:
+    """The parser of benchmark ``module``, described by the first paragraph of its
+    docstring ``doc``, with the hidden ``--run SPEC`` by which :func:`run_child` starts a child."""
+    parser = argparse.ArgumentParser(prog=f"python -m {module}", description=doc.split("\n\n")[0])
+    parser.add_argument("--run", help=argparse.SUPPRESS)  # internal: run one variant in this (child) process
+    return parser
 
 
-def verdict(ok: bool) -> str:
-    return "PASS" if ok else "FAIL"
+def add_workdir_option(
+    parser: argparse.ArgumentParser,
+    default: Path | None = WORKDIR,
+    about: str = "inputs are built once and cached here, by parameters (default: %(default)s)",
+) -> None:
+    parser.add_argument("--workdir", type=Path, default=default, help=about)
 
 
-@dataclass(frozen=True)
-class Column:
-    title: str
-    width: int = 0
-    align: str = ">"  # a format-spec alignment: "<" or ">"
-    gap: int = 1  # spaces before the column (ignored for the first)
-
-
-def render_table(columns: Sequence[Column], rows: Sequence[Sequence[str]]) -> list[str]:
-    """Header, a rule as long as the header, and one line per row of preformatted cells."""
-
-    def line(cells: Sequence[str]) -> str:
-        parts = [f"{cell:{c.align}{c.width or ''}}" for c, cell in zip(columns, cells)]
-        return parts[0] + "".join(" " * c.gap + part for c, part in zip(columns[1:], parts[1:]))
-
-    head = line([c.title for c in columns])
-    return [head, "-" * len(head), *(line(row) for row in rows)]
+def add_quiet_options(parser: argparse.ArgumentParser, wait_s: float, retries: int, note: str = "") -> None:
+    """``--quiet-wait`` and ``--retries``, which make the :class:`Quiet` of :func:`run_quietly`."""
+    parser.add_argument(
+        "--quiet-wait",
+        type=float,
+        default=wait_s,
+        help="before each run wait up to this many seconds for other processes to leave the CPUs idle",
+    )
+    parser.add_argument(
+        "--retries",
+        type=int,
+        default=retries,
+        help=f"rerun a run during which other processes used over {QUIET_CORES} cores up to this many times{note}",
+    )

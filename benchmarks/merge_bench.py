@@ -19,8 +19,9 @@ Then, side by side in one run, for each method of ``--methods``:
   buffer) and output-size bytes written once beside the outputs: the I/O that any
   merge must do. Best of three runs.
 
-Every variant runs in a fresh child process (``merge_bench.py --run SPEC``; the
-machinery is in ``measure.py``) so memory never carries over. The parent samples
+Every variant runs in a fresh child process (``python -m benchmarks.merge_bench --run
+SPEC``; the machinery is in ``benchmarks/measure.py``, the synthetic checkpoints come
+from ``benchmarks/synthetic.py``) so memory never carries over. The parent samples
 the child's ``/proc/PID/status`` every ~5 ms for the peaks of ``RssAnon`` (private,
 anonymous pages: the memory that cannot be reclaimed, which is what the targets are
 judged by) and ``VmRSS`` (also counts memory-mapped file pages, which the kernel
@@ -45,7 +46,7 @@ differing entries); ``ties`` with ``trim_scope: model`` may differ at the trimmi
 threshold, since naive uses one exact global top-k per expert and ours its
 streaming histogram.
 
-Usage: ``python benchmarks/merge_bench.py [--size-mb 400] [--experts 4]
+Usage: ``python -m benchmarks.merge_bench [--size-mb 400] [--experts 4]
 [--methods average,ties,dare_ties] [--workdir DIR] [--keep] [--quiet-wait 20] [--retries 2]``.
 Inputs stay cached in the work folder (default ``/tmp/asr-merge-bench``) for reruns;
 merged outputs are deleted after each comparison unless ``--keep``.
@@ -54,53 +55,46 @@ merged outputs are deleted after each comparison unless ``--keep``.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import shutil
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))  # run from a source tree without installing
-
-from measure import (  # noqa: E402  (benchmarks/ is on sys.path when this script runs)
+from benchmarks.measure import (
     CHUNK,
     GIB,
     MB,
     QUIET_CORES,
     ChildFn,
-    Column,
     Quiet,
     Result,
+    add_quiet_options,
+    add_workdir_option,
+    bench_parser,
     child_main,
     gib,
     read_all,
-    render_table,
     run_quietly,
     timed,
-    verdict,
     warm_page_cache,
 )
+from benchmarks.synthetic import (
+    D_MODEL,
+    Inputs,
+    child_ours,
+    ensure_inputs,
+    largest_tensor_bytes,
+    layers_for_size,
+    model_specs,
+    nbytes,
+)
+from benchmarks.tables import Column, print_report, render_table, verdict
 
-SCRIPT = Path(__file__).resolve()  # the child of every variant
+MODULE = __spec__.name  # every variant's child: python -m MODULE --run SPEC
 FLOOR_RUNS = 3
-FORMAT_VERSION = 1  # bump when the synthetic model changes, to invalidate cached inputs
-
-# FastConformer-large-like geometry
-D_MODEL = 512
-HEADS = 8
-FF_MULT = 4
-CONV_KERNEL = 9
-SUB_CHANNELS = 256
-FEATURES = 80
-VOCAB = 1024
-BASE_SCALE = 0.02
-DELTA_SCALE = 1e-3
 
 # method key -> (registered method, parameters)
 METHODS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -110,167 +104,6 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "dare_ties": ("dare_ties", {"density": 0.5, "lambda": 1.0, "seed": 0}),
 }
 ALIASES = {"ties": ["ties-tensor", "ties-model"]}
-
-
-# ----------------------------------------------------------------------------- model
-
-
-Shape = tuple[int, ...]
-
-
-def pre_encode_specs(d: int) -> dict[str, tuple[Shape, str]]:
-    """dw_striding subsampling: 3 stride-2 conv stages, then a linear to d_model."""
-    c = SUB_CHANNELS
-    p = "encoder.pre_encode."
-    specs = {p + "conv.0.weight": ((c, 1, 3, 3), "f32"), p + "conv.0.bias": ((c,), "f32")}
-    for i in (2, 5):
-        specs[p + f"conv.{i}.weight"] = ((c, 1, 3, 3), "f32")
-        specs[p + f"conv.{i}.bias"] = ((c,), "f32")
-        specs[p + f"conv.{i + 1}.weight"] = ((c, c, 1, 1), "f32")
-        specs[p + f"conv.{i + 1}.bias"] = ((c,), "f32")
-    specs[p + "out.weight"] = ((d, c * (FEATURES // 8)), "f32")
-    specs[p + "out.bias"] = ((d,), "f32")
-    return specs
-
-
-def layer_specs(i: int, d: int) -> dict[str, tuple[Shape, str]]:
-    """One Conformer layer: macaron feed-forwards, relative-position attention, conv module."""
-    p = f"encoder.layers.{i}."
-    specs: dict[str, tuple[Shape, str]] = {}
-
-    def norm(name: str) -> None:
-        specs[p + name + ".weight"] = ((d,), "f32")
-        specs[p + name + ".bias"] = ((d,), "f32")
-
-    def feed_forward(name: str) -> None:
-        norm("norm_" + name)
-        specs[p + name + ".linear1.weight"] = ((FF_MULT * d, d), "f32")
-        specs[p + name + ".linear1.bias"] = ((FF_MULT * d,), "f32")
-        specs[p + name + ".linear2.weight"] = ((d, FF_MULT * d), "f32")
-        specs[p + name + ".linear2.bias"] = ((d,), "f32")
-
-    feed_forward("feed_forward1")
-    norm("norm_conv")
-    specs[p + "conv.pointwise_conv1.weight"] = ((2 * d, d, 1), "f32")
-    specs[p + "conv.pointwise_conv1.bias"] = ((2 * d,), "f32")
-    specs[p + "conv.depthwise_conv.weight"] = ((d, 1, CONV_KERNEL), "f32")
-    specs[p + "conv.depthwise_conv.bias"] = ((d,), "f32")
-    for stat in ("weight", "bias", "running_mean", "running_var"):
-        specs[p + f"conv.batch_norm.{stat}"] = ((d,), "f32")
-    specs[p + "conv.batch_norm.num_batches_tracked"] = ((), "i64")
-    specs[p + "conv.pointwise_conv2.weight"] = ((d, d, 1), "f32")
-    specs[p + "conv.pointwise_conv2.bias"] = ((d,), "f32")
-    norm("norm_self_att")
-    specs[p + "self_attn.pos_bias_u"] = ((HEADS, d // HEADS), "f32")
-    specs[p + "self_attn.pos_bias_v"] = ((HEADS, d // HEADS), "f32")
-    for lin in ("linear_q", "linear_k", "linear_v", "linear_out"):
-        specs[p + f"self_attn.{lin}.weight"] = ((d, d), "f32")
-        specs[p + f"self_attn.{lin}.bias"] = ((d,), "f32")
-    specs[p + "self_attn.linear_pos.weight"] = ((d, d), "f32")
-    feed_forward("feed_forward2")
-    norm("norm_out")
-    return specs
-
-
-def decoder_specs(d: int) -> dict[str, tuple[Shape, str]]:
-    return {
-        "decoder.decoder_layers.0.weight": ((VOCAB + 1, d, 1), "f32"),
-        "decoder.decoder_layers.0.bias": ((VOCAB + 1,), "f32"),
-    }
-
-
-def nbytes(specs: dict[str, tuple[Shape, str]]) -> int:
-    return sum(math.prod(shape) * (8 if kind == "i64" else 4) for shape, kind in specs.values())
-
-
-def layers_for_size(size_mb: float, d: int) -> int:
-    fixed = nbytes(pre_encode_specs(d)) + nbytes(decoder_specs(d))
-    return max(1, round((size_mb * MB - fixed) / nbytes(layer_specs(0, d))))
-
-
-def model_specs(size_mb: float, d: int = D_MODEL) -> dict[str, tuple[Shape, str]]:
-    specs = pre_encode_specs(d)
-    for i in range(layers_for_size(size_mb, d)):
-        specs.update(layer_specs(i, d))
-    specs.update(decoder_specs(d))
-    return specs
-
-
-def largest_tensor_bytes(specs: dict[str, tuple[Shape, str]]) -> int:
-    return max(nbytes({k: v}) for k, v in specs.items())
-
-
-# ------------------------------------------------------------------------ building
-
-
-def base_tensor(name: str, shape: Shape, kind: str, g: Any) -> Any:
-    import torch
-
-    if kind == "i64":
-        return torch.tensor(1000, dtype=torch.int64)
-    if name.endswith("running_var"):
-        return torch.rand(shape, generator=g) + 0.5
-    if name.endswith(".weight") and len(shape) == 1:  # norm scales
-        return 1 + 0.01 * torch.randn(shape, generator=g)
-    return BASE_SCALE * torch.randn(shape, generator=g)
-
-
-def build_base(specs: dict[str, tuple[Shape, str]]) -> dict[str, Any]:
-    import torch
-
-    g = torch.Generator().manual_seed(0)
-    return {name: base_tensor(name, shape, kind, g) for name, (shape, kind) in specs.items()}
-
-
-def build_expert(base: dict[str, Any], index: int) -> dict[str, Any]:
-    """The base plus N(0, DELTA_SCALE^2) deltas; the BN step counter moves on too."""
-    import torch
-
-    g = torch.Generator().manual_seed(1000 + index)
-    out = {}
-    for name, t in base.items():
-        if t.is_floating_point():
-            out[name] = t + DELTA_SCALE * torch.randn(t.shape, generator=g)
-        else:
-            out[name] = t + 100 * (index + 1)
-    return out
-
-
-def save_atomic(tensors: dict[str, Any], path: Path) -> None:
-    from safetensors.torch import save_file
-
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp))
-    os.replace(tmp, path)
-
-
-@dataclass(frozen=True)
-class Inputs:
-    base: Path
-    experts: list[Path]
-
-    def all(self) -> list[Path]:
-        return [self.base, *self.experts]
-
-
-def ensure_inputs(workdir: Path, size_mb: float, experts: int) -> Inputs:
-    """Build missing checkpoints; files already there for these parameters are reused."""
-    folder = workdir / f"inputs-v{FORMAT_VERSION}-d{D_MODEL}-{size_mb:g}MB"
-    folder.mkdir(parents=True, exist_ok=True)
-    inputs = Inputs(folder / "base.safetensors", [folder / f"expert_{i}.safetensors" for i in range(experts)])
-    missing = [p for p in inputs.all() if not p.is_file()]
-    if not missing:
-        return inputs
-    print(f"building {len(missing)} synthetic checkpoint(s) in {folder} ...", flush=True)
-    start = time.perf_counter()
-    base = build_base(model_specs(size_mb))
-    if not inputs.base.is_file():
-        save_atomic(base, inputs.base)
-    for i, path in enumerate(inputs.experts):
-        if not path.is_file():
-            save_atomic(build_expert(base, i), path)
-    print(f"  built in {time.perf_counter() - start:.1f} s", flush=True)
-    return inputs
 
 
 # ---------------------------------------------------------------------- measuring
@@ -304,7 +137,7 @@ def naive_model_trim(
     the whole flattened task vector; returns per-expert, per-name keep masks."""
     import torch
 
-    from merge_core.sparsify import kept_count
+    from merge_core.methods.sparsify import kept_count
 
     sizes = [base[n].numel() for n in names]
     masks = []
@@ -323,8 +156,8 @@ def naive_merge(spec: dict[str, Any]) -> None:
     import torch
     from safetensors.torch import load, save_file
 
+    from merge_core.methods.sparsify import magnitude_trim
     from merge_core.registry import TensorInputs, get_method
-    from merge_core.sparsify import magnitude_trim
 
     method = get_method(spec["method"])
     params = {**method.defaults, **spec["parameters"]}
@@ -341,42 +174,27 @@ def naive_merge(spec: dict[str, Any]) -> None:
             merged[name] = t
             continue
         if masks is None:
-            trim = lambda tau, i, d: magnitude_trim(tau, d)  # noqa: E731
+            trim = lambda tau, i, d: magnitude_trim(tau, d)
         else:
-            trim = lambda tau, i, d, n=name: torch.where(masks[i][n], tau, 0)  # noqa: E731
+            trim = lambda tau, i, d, n=name: torch.where(masks[i][n], tau, 0)
         inputs = TensorInputs(name=name, base=t, models=[e[name] for e in experts], weights=weights, trim=trim)
         merged[name] = method.fn(inputs, params).to(t.dtype)
     save_file(merged, spec["output"])
 
 
 def child_naive(spec: dict[str, Any]) -> dict[str, Any]:
-    import merge_core.methods  # noqa: F401  (imports before the idle reading)
     import safetensors.torch  # noqa: F401
     import torch  # noqa: F401
 
+    import merge_core.methods  # noqa: F401  (imports before the idle reading)
+
     return timed(lambda: naive_merge(spec))
-
-
-def child_ours(spec: dict[str, Any]) -> dict[str, Any]:
-    from merge_core import Recipe, merge
-
-    recipe = Recipe.from_mapping(
-        {
-            "method": spec["method"],
-            "base_model": spec["base"],
-            "models": [{"model": p, "weight": 1.0} for p in spec["experts"]],
-            "parameters": spec["parameters"],
-            "output": spec["output"],
-            "hash_inputs": spec.get("hash_inputs", True),
-        }
-    )
-    return timed(lambda: {"merge_seconds": merge(recipe, progress=False).seconds})
 
 
 CHILDREN: dict[str, ChildFn] = {
     "floor": child_floor,
     "naive": child_naive,
-    "ours": child_ours,
+    "ours": child_ours,  # benchmarks.synthetic's
 }
 
 
@@ -389,9 +207,10 @@ def compare_outputs(a: Path, b: Path) -> tuple[float, float]:
 
     worst, differing, total = 0.0, 0, 0
     with safe_open(str(a), framework="pt") as fa, safe_open(str(b), framework="pt") as fb:
-        if set(fa.keys()) != set(fb.keys()):
+        names = fa.keys()  # a safe_open handle is no mapping: it cannot be iterated itself
+        if set(names) != set(fb.keys()):
             raise AssertionError(f"{a} and {b} hold different tensor names")
-        for name in fa.keys():
+        for name in names:
             x, y = fa.get_tensor(name), fb.get_tensor(name)
             if x.shape != y.shape or x.dtype != y.dtype:
                 raise AssertionError(f"{name}: {x.shape} {x.dtype} vs {y.shape} {y.dtype}")
@@ -441,7 +260,7 @@ def run_floor(plan: Plan) -> Result:
     }
     runs = []
     for _ in range(FLOOR_RUNS):
-        runs.append(run_quietly(SCRIPT, "floor (read all, write 1)", spec, plan.quiet))
+        runs.append(run_quietly(MODULE, "floor (read all, write 1)", spec, plan.quiet))
         output.unlink(missing_ok=True)
     return min(runs, key=lambda r: r.wall_s)
 
@@ -451,19 +270,19 @@ def run_method(plan: Plan, key: str, caches: Path) -> list[Result]:
     average only); outputs compared."""
     naive_out, ours_out = plan.outdir / f"naive-{key}.safetensors", plan.outdir / f"ours-{key}.safetensors"
     naive_spec = {**common_spec(plan, "naive", key), "output": str(naive_out)}
-    naive = run_quietly(SCRIPT, f"naive {key}", naive_spec, plan.quiet)
+    naive = run_quietly(MODULE, f"naive {key}", naive_spec, plan.quiet)
     cache = Path(tempfile.mkdtemp(prefix=f"cache-{key}-", dir=caches))
     ours_spec = {**common_spec(plan, "ours", key), "output": str(ours_out)}
-    ours = run_quietly(SCRIPT, f"ours {key}", ours_spec, plan.quiet, env={"ASR_MERGE_CACHE": str(cache)})
+    ours = run_quietly(MODULE, f"ours {key}", ours_spec, plan.quiet, env={"ASR_MERGE_CACHE": str(cache)})
     ours.extra["max_abs_diff"], ours.extra["differing"] = compare_outputs(ours_out, naive_out)
     discard(naive_out, plan.keep)
     ours_out.unlink(missing_ok=True)
-    unhashed = run_quietly(SCRIPT, f"ours {key}, no hash", {**ours_spec, "hash_inputs": False}, plan.quiet)
+    unhashed = run_quietly(MODULE, f"ours {key}, no hash", {**ours_spec, "hash_inputs": False}, plan.quiet)
     results = [naive, ours, unhashed]
     if key == "average":
         ours_out.unlink(missing_ok=True)
         warm_env = {"ASR_MERGE_CACHE": str(cache)}
-        warm = run_quietly(SCRIPT, f"ours {key}, warm cache", ours_spec, plan.quiet, env=warm_env)
+        warm = run_quietly(MODULE, f"ours {key}, warm cache", ours_spec, plan.quiet, env=warm_env)
         results.append(warm)
     discard(ours_out, plan.keep)
     return results
@@ -515,9 +334,9 @@ def targets(results: list[Result], floor: Result, plan: Plan, experts: int) -> l
     by = {r.variant: r for r in results}
     bound = plan.model_bytes + (experts + 2) * plan.largest_bytes
     lines = [
-        f"model size {plan.model_bytes / MB:.1f} MB ({plan.model_bytes / GIB:.3f} GiB), "
-        f"largest tensor {plan.largest_bytes / MB:.2f} MB, "
-        f"bound model + (n+2) x largest = {bound / MB:.1f} MB ({bound / GIB:.3f} GiB), n = {experts}"
+        (f"model size {plan.model_bytes / MB:.1f} MB ({plan.model_bytes / GIB:.3f} GiB), "
+         f"largest tensor {plan.largest_bytes / MB:.2f} MB, "
+         f"bound model + (n+2) x largest = {bound / MB:.1f} MB ({bound / GIB:.3f} GiB), n = {experts}")
     ]
     note = "" if experts == 4 else f" (target stated for 4 experts; run has {experts})"
     for r in results:
@@ -562,7 +381,7 @@ def method_keys(text: str) -> list[str]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = bench_parser(MODULE, __doc__)
     parser.add_argument("--size-mb", type=float, default=400.0, help="approximate size of each checkpoint (MB)")
     parser.add_argument("--experts", type=int, default=4, help="number of experts besides the base")
     parser.add_argument(
@@ -570,28 +389,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="average,ties,dare_ties",
         help="comma list of average, ties (both scopes), ties-tensor, ties-model, dare_ties",
     )
-    parser.add_argument(
-        "--workdir",
-        type=Path,
-        default=Path(tempfile.gettempdir()) / "asr-merge-bench",
-        help="inputs are built once and cached here, by parameters (default: %(default)s)",
-    )
+    add_workdir_option(parser)
     parser.add_argument(
         "--keep", action="store_true", help="keep the merged outputs in WORKDIR/out instead of deleting each after use"
     )
-    parser.add_argument(
-        "--quiet-wait",
-        type=float,
-        default=20.0,
-        help="before each run wait up to this many seconds for other processes to leave the CPUs idle",
-    )
-    parser.add_argument(
-        "--retries",
-        type=int,
-        default=2,
-        help=f"rerun a run during which other processes used over {QUIET_CORES} cores up to this many times",
-    )
-    parser.add_argument("--run", help=argparse.SUPPRESS)  # internal: run one variant in this (child) process
+    add_quiet_options(parser, wait_s=20.0, retries=2)
     return parser.parse_args(argv)
 
 
@@ -608,16 +410,16 @@ def header(plan: Plan, args: argparse.Namespace, warm_s: float) -> list[str]:
     total = sum(p.stat().st_size for p in plan.inputs.all())
     tensors, layers = len(model_specs(args.size_mb)), layers_for_size(args.size_mb, D_MODEL)
     return [
-        f"asr-merge benchmark: base + {args.experts} experts, {plan.model_bytes / MB:.1f} MB each "
-        f"(float32, {tensors} tensors, {layers} layers, d={D_MODEL}), {os.cpu_count()} CPUs, torch threads default",
-        f"inputs {plan.inputs.base.parent} ({total / GIB:.2f} GiB) read once beforehand in {warm_s:.2f} s: "
-        "every variant reads from the page cache",
-        "each variant in a fresh process; wall/cpu exclude interpreter start-up and imports; "
-        "priv = RssAnon (private anonymous pages), sampled every 5 ms; idle priv = RssAnon after imports; "
-        "ours runs with a cold digest cache unless marked warm; floor is the best of "
-        f"{FLOOR_RUNS} runs; other cpu = cores used by other processes meanwhile (each run first waits up "
-        f"to {plan.quiet.wait_s:g} s for them to use < {QUIET_CORES}, and is redone up to {plan.quiet.retries} "
-        "times if they used more meanwhile; the least disturbed run is shown)",
+        (f"asr-merge benchmark: base + {args.experts} experts, {plan.model_bytes / MB:.1f} MB each "
+         f"(float32, {tensors} tensors, {layers} layers, d={D_MODEL}), {os.cpu_count()} CPUs, torch threads default"),
+        (f"inputs {plan.inputs.base.parent} ({total / GIB:.2f} GiB) read once beforehand in {warm_s:.2f} s: "
+         "every variant reads from the page cache"),
+        ("each variant in a fresh process; wall/cpu exclude interpreter start-up and imports; "
+         "priv = RssAnon (private anonymous pages), sampled every 5 ms; idle priv = RssAnon after imports; "
+         "ours runs with a cold digest cache unless marked warm; floor is the best of "
+         f"{FLOOR_RUNS} runs; other cpu = cores used by other processes meanwhile (each run first waits up "
+         f"to {plan.quiet.wait_s:g} s for them to use < {QUIET_CORES}, and is redone up to {plan.quiet.retries} "
+         "times if they used more meanwhile; the least disturbed run is shown)"),
     ]
 
 
@@ -639,10 +441,7 @@ def main(argv: list[str] | None = None) -> None:
             results += run_method(plan, key, caches)
     finally:
         shutil.rmtree(caches, ignore_errors=True)
-    print()
-    report = [*header(plan, args, warm_s), "", *table(results, floor), "", *targets(results, floor, plan, args.experts)]
-    print("\n".join(report))
-    print(f"\ntotal benchmark time {time.perf_counter() - started:.0f} s")
+    print_report([header(plan, args, warm_s), table(results, floor), targets(results, floor, plan, args.experts)], started)
 
 
 if __name__ == "__main__":

@@ -2,14 +2,14 @@
 
 What it measures
 ----------------
-Built once and cached in ``--workdir``: ``--utterances`` short English utterances
-spoken by espeak-ng (:func:`merge_core.audio.synthesize`, the tests' sentence
-generator and speaking rate, voices alternating ``en-us``/``en-gb``) listed in a NeMo
-manifest, and a *babbler*: the tests' tiny FastConformer-CTC-BPE, freshly
+Built once and cached in ``--workdir``, from the tests' pieces (:mod:`nemo_merge.testing`):
+``--utterances`` short English utterances of the tests' sentence generator, spoken by
+espeak-ng at the tests' speaking rate, voices alternating ``en-us``/``en-gb``, listed in
+a NeMo manifest, and a *babbler*: the tests' tiny FastConformer-CTC-BPE, freshly
 initialized, with the CTC blank's output bias pushed down so that its greedy
 transcripts are non-empty word salad and the WER has real errors to count (as the
 ``babbler`` fixture of ``tests/nemo_merge/test_evaluate.py`` does). Then, in one run,
-each in a fresh child process (``measure.py``):
+each in a fresh child process (``benchmarks/measure.py``):
 
 * ``ours``: :func:`nemo_merge.evaluate.evaluate` (what ``asr-merge eval`` runs) on
   that manifest with ``cache: false``: manifest read and every audio file checked,
@@ -28,7 +28,7 @@ each, and shown for the median runs too. Both WERs must be equal (no normalisati
 ``word_error_rate`` applies none). Last, ``ours`` runs with ``cache: true`` twice on a
 fresh cache folder: once filling it, once rerunning from it (no model is loaded).
 
-Usage: ``python benchmarks/nemo_eval_bench.py [--utterances 80] [--batch-size 16]
+Usage: ``python -m benchmarks.nemo_eval_bench [--utterances 400] [--batch-size 16]
 [--threads 1] [--repeats 3] [--workdir DIR] [--quiet-wait 5] [--retries 0]``.
 """
 
@@ -37,36 +37,33 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))  # run from a source tree without installing
-
-from measure import (  # noqa: E402  (benchmarks/ is on sys.path when this script runs)
+from benchmarks.measure import (
     QUIET_CORES,
     ChildFn,
-    Column,
     Quiet,
     Result,
+    add_quiet_options,
+    add_workdir_option,
     alternating_rounds,
+    bench_parser,
     by_variant,
     child_main,
     gib,
     machine_summary,
-    render_table,
     run_child,
     run_quietly,
     timed,
 )
-from nemo_inputs import import_nemo_quietly  # noqa: E402
+from benchmarks.tables import Column, print_report, render_table, verdict
+from nemo_merge.testing import import_nemo_quietly
 
-SCRIPT = Path(__file__).resolve()  # the child of every variant
+MODULE = __spec__.name  # every variant's child: python -m MODULE --run SPEC
 FORMAT_VERSION = 1  # bump when the built inputs change, to invalidate cached ones
 VOICES = ("en-us", "en-gb")
 SET = "bench"
@@ -93,27 +90,20 @@ def inputs_in(workdir: Path, utterances: int) -> Inputs:
 
 def write_speech(manifest: Path, count: int) -> None:
     """``count`` espeak-ng utterances in ``audio/`` and the NeMo manifest listing them."""
-    from merge_core.audio import synthesize
-    from tests.nemo_merge.conftest import SPEED, english_sentences
+    from nemo_merge.testing import english_sentences, write_speech_manifest
 
-    lines = []
-    for i, text in enumerate(english_sentences(count)[:count]):
-        wav = manifest.parent / "audio" / f"utt{i:03d}.wav"
-        duration = synthesize(text, wav, voice=VOICES[i % len(VOICES)], speed=SPEED)
-        lines.append(json.dumps({"audio_filepath": str(wav), "duration": duration, "text": text}))
-    partial = manifest.with_name(manifest.name + ".partial")
-    partial.write_text("\n".join(lines) + "\n")
-    partial.replace(manifest)
+    texts = english_sentences(count)[:count]
+    write_speech_manifest(manifest, [(text, VOICES[i % len(VOICES)]) for i, text in enumerate(texts)])
 
 
 def write_babbler(path: Path) -> None:
     """The tiny model, untrained, with the blank logit pushed down: it says something."""
     import torch
 
-    from nemo_inputs import ensure_tokenizer, save_nemo, tiny_config
     from nemo_merge.models import build_model
+    from nemo_merge.testing import TINY_CONFIG, ensure_tokenizer, save_nemo
 
-    model = build_model(tiny_config(), ensure_tokenizer(path.parent), seed=0)
+    model = build_model(TINY_CONFIG, ensure_tokenizer(path.parent), seed=0)
     with torch.no_grad():
         bias = model.decoder.decoder_layers[0].bias
         bias[-1] = BLANK_BIAS
@@ -142,7 +132,7 @@ def ensure_inputs(workdir: Path, utterances: int, log: Path) -> Inputs:
     inputs.manifest.parent.mkdir(parents=True, exist_ok=True)
     print(f"building {utterances} utterances and the model in {inputs.manifest.parent} ...", flush=True)
     spec = {"kind": "build", "manifest": str(inputs.manifest), "model": str(inputs.model), "utterances": utterances}
-    built = run_child(SCRIPT, "build", spec, log=log)
+    built = run_child(MODULE, "build", spec, log=log)
     print(f"  built in {built.wall_s:.1f} s", flush=True)
     return inputs
 
@@ -262,11 +252,11 @@ def cold_digests(plan: Plan) -> dict[str, str]:
 
 def run_ours(plan: Plan, variant: str, cache_dir: Path | None = None, retries: int | None = None) -> Result:
     quiet = plan.quiet if retries is None else Quiet(plan.quiet.wait_s, retries)
-    return run_quietly(SCRIPT, variant, spec_for(plan, "ours", cache_dir), quiet, cold_digests(plan), plan.log)
+    return run_quietly(MODULE, variant, spec_for(plan, "ours", cache_dir), quiet, cold_digests(plan), plan.log)
 
 
 def run_plain(plan: Plan) -> Result:
-    return run_quietly(SCRIPT, "plain", spec_for(plan, "plain"), plan.quiet, log=plan.log)
+    return run_quietly(MODULE, "plain", spec_for(plan, "plain"), plan.quiet, log=plan.log)
 
 
 def run_rounds(plan: Plan) -> list[Result]:
@@ -357,30 +347,30 @@ def verdicts(by: dict[str, Summary]) -> list[str]:
     wers = ours.wers | plain.wers
     report_s = ours.best.extra.get("report_s", 0.0)
     return [
-        f"{'PASS' if best >= 0.95 else 'FAIL'}  throughput ours / plain = {best:.3f} (best runs; target >= 0.95), "
-        f"{median:.3f} (median runs)",
-        f"      of ours' best run, {report_s:.2f} s went to writing report.json/.md/.png (a fixed cost per "
-        f"invocation); without it the ratio would be {plain.best_s / (ours.best_s - report_s):.3f}",
-        f"{'PASS' if len(wers) == 1 else 'FAIL'}  WER ours = plain: "
+        (f"{verdict(best >= 0.95)}  throughput ours / plain = {best:.3f} (best runs; target >= 0.95), "
+         f"{median:.3f} (median runs)"),
+        (f"      of ours' best run, {report_s:.2f} s went to writing report.json/.md/.png (a fixed cost per "
+         f"invocation); without it the ratio would be {plain.best_s / (ours.best_s - report_s):.3f}"),
+        f"{verdict(len(wers) == 1)}  WER ours = plain: "
         + (f"{100 * wers.pop():.4f}% in every run" if len(wers) == 1 else f"values differ: {sorted(wers)}"),
-        f"cached rerun: {by['ours (cache: rerun)'].best_s:.2f} s (filling run {by['ours (cache: fill)'].best_s:.2f} s, "
-        f"uncached best {ours.best_s:.2f} s)",
+        (f"cached rerun: {by['ours (cache: rerun)'].best_s:.2f} s (filling run {by['ours (cache: fill)'].best_s:.2f} s, "
+         f"uncached best {ours.best_s:.2f} s)"),
     ]
 
 
 def header(plan: Plan, utterances: int, audio_s: float) -> list[str]:
     model_mb = plan.inputs.model.stat().st_size / 1e6
     return [
-        f"asr-merge eval vs plain NeMo loop: {utterances} espeak-ng utterances ({audio_s:.0f} s of audio), "
-        f"tiny FastConformer-CTC-BPE babbler ({model_mb:.1f} MB .nemo), CPU, {plan.threads} torch thread(s), "
-        f"batch size {plan.batch_size}; "
-        f"{machine_summary()}",
-        "each run in a fresh process; work s = restore + transcribe + score (+ ours' checks, hashing and report "
-        "files), imports excluded; cpu s = the best run's CPU time; process s = the child from start to exit (median); "
-        f"{plan.repeats} rounds, order alternating; peak priv = max RssAnon over the runs; other cpu = most cores "
-        f"other processes used during a run (each run first waits up to {plan.quiet.wait_s:g} s for them to use "
-        f"< {QUIET_CORES}, and is redone up to {plan.quiet.retries} times if they used more); "
-        f"the children's stderr is in {plan.log}",
+        (f"asr-merge eval vs plain NeMo loop: {utterances} espeak-ng utterances ({audio_s:.0f} s of audio), "
+         f"tiny FastConformer-CTC-BPE babbler ({model_mb:.1f} MB .nemo), CPU, {plan.threads} torch thread(s), "
+         f"batch size {plan.batch_size}; "
+         f"{machine_summary()}"),
+        ("each run in a fresh process; work s = restore + transcribe + score (+ ours' checks, hashing and report "
+         "files), imports excluded; cpu s = the best run's CPU time; process s = the child from start to exit (median); "
+         f"{plan.repeats} rounds, order alternating; peak priv = max RssAnon over the runs; other cpu = most cores "
+         f"other processes used during a run (each run first waits up to {plan.quiet.wait_s:g} s for them to use "
+         f"< {QUIET_CORES}, and is redone up to {plan.quiet.retries} times if they used more); "
+         f"the children's stderr is in {plan.log}"),
     ]
 
 
@@ -388,7 +378,7 @@ def header(plan: Plan, utterances: int, audio_s: float) -> list[str]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = bench_parser(MODULE, __doc__)
     parser.add_argument("--utterances", type=int, default=400, help="utterances synthesized for the test set")
     parser.add_argument("--batch-size", type=int, default=16, help="transcribe batch size of both variants")
     parser.add_argument(
@@ -399,26 +389,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "whenever another process takes a core, and the timings scatter)",
     )
     parser.add_argument("--repeats", type=int, default=3, help="rounds of ours and plain")
-    parser.add_argument(
-        "--workdir",
-        type=Path,
-        default=Path(tempfile.gettempdir()) / "asr-merge-bench",
-        help="inputs are built once and cached here, by parameters (default: %(default)s)",
+    add_workdir_option(parser)
+    add_quiet_options(
+        parser, wait_s=5.0, retries=0, note=" (default 0: the best of the rounds already discounts disturbed runs)"
     )
-    parser.add_argument(
-        "--quiet-wait",
-        type=float,
-        default=5.0,
-        help="before each run wait up to this many seconds for other processes to leave the CPUs idle",
-    )
-    parser.add_argument(
-        "--retries",
-        type=int,
-        default=0,
-        help=f"rerun a run during which other processes used over {QUIET_CORES} cores up to this many times "
-        "(default 0: the best of the rounds already discounts disturbed runs)",
-    )
-    parser.add_argument("--run", help=argparse.SUPPRESS)  # internal: run one variant in this (child) process
     return parser.parse_args(argv)
 
 
@@ -438,16 +412,7 @@ def main(argv: list[str] | None = None) -> None:
         results = run_rounds(plan) + run_cached(plan)
     entries = [json.loads(line) for line in inputs.manifest.read_text().splitlines() if line.strip()]
     by = summaries(results)
-    print()
-    report = [
-        *header(plan, len(entries), sum(e["duration"] for e in entries)),
-        "",
-        *table(by, len(entries)),
-        "",
-        *verdicts(by),
-    ]
-    print("\n".join(report))
-    print(f"\ntotal benchmark time {time.perf_counter() - started:.0f} s")
+    print_report([header(plan, len(entries), sum(e["duration"] for e in entries)), table(by, len(entries)), verdicts(by)], started)
 
 
 if __name__ == "__main__":

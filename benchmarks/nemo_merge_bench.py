@@ -7,7 +7,7 @@ API and cached in ``--workdir``: :func:`nemo_merge.models.build_model` on the ti
 config with ``d_model`` 512, 8 heads, 256 subsampling channels and ``--layers``
 layers (12: ~310 MB), the tests' SentencePiece tokenizer, ``save_to``. Its BatchNorm
 step counters are set to 1000 (a trained generalist); ``--experts`` experts are made
-as ``merge_bench.py`` makes its own: the base plus N(0, 1e-3^2) deltas on every float
+as ``benchmarks/synthetic.py`` makes them: the base plus N(0, 1e-3^2) deltas on every float
 tensor (here except the never-trained preprocessor buffers), ``num_batches_tracked``
 advanced by 100 x (i + 1) steps; each is saved with ``save_to``. Then, side by side in one run, each in a fresh child:
 
@@ -20,7 +20,7 @@ advanced by 100 x (i + 1) steps; each is saved with ``save_to``. Then, side by s
   (integer buffers included) keeping the previous checkpoint referenced while the
   next loads, divide the float ones by n, ``load_state_dict`` and ``save_to``.
 
-Memory and time come from ``measure.py``: the parent samples the child's RssAnon
+Memory and time come from ``benchmarks/measure.py``: the parent samples the child's RssAnon
 (private memory) and VmRSS every ~5 ms; ``work s`` is the merge alone, ``process s``
 the child from start to exit (interpreter start-up and imports included: NeMo's
 import is part of the legacy approach's cost, while ours never imports NeMo). Inputs
@@ -34,7 +34,7 @@ compares their float weights (max |ours - legacy|) and reads every BatchNorm's
 ``num_batches_tracked`` from the base, the experts and both outputs: ours copies the
 base's counter, NeMo's script sums the experts' counters.
 
-Usage: ``python benchmarks/nemo_merge_bench.py [--layers 12] [--experts 4] [--repeats 2]
+Usage: ``python -m benchmarks.nemo_merge_bench [--layers 12] [--experts 4] [--repeats 2]
 [--workdir DIR] [--keep] [--quiet-wait 10] [--retries 0]``.
 """
 
@@ -43,7 +43,6 @@ from __future__ import annotations
 import argparse
 import posixpath
 import shutil
-import sys
 import tarfile
 import tempfile
 import time
@@ -51,37 +50,34 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))  # run from a source tree without installing
-
-from measure import (  # noqa: E402  (benchmarks/ is on sys.path when this script runs)
+from benchmarks.measure import (
     CHUNK,
     MB,
     QUIET_CORES,
     ChildFn,
-    Column,
     Quiet,
     Result,
+    add_quiet_options,
+    add_workdir_option,
     alternating_rounds,
+    bench_parser,
     by_variant,
     child_main,
-    gib,
     machine_summary,
-    render_table,
     run_child,
     run_quietly,
     timed,
     warm_page_cache,
 )
-from merge_bench import Inputs, build_expert  # noqa: E402
-from nemo_inputs import import_nemo_quietly  # noqa: E402
+from benchmarks.synthetic import Inputs, build_expert, child_ours
+from benchmarks.tables import print_report, ratio_table, variant_table
+from nemo_merge.testing import import_nemo_quietly
 
-SCRIPT = Path(__file__).resolve()  # the child of every variant
+MODULE = __spec__.name  # every variant's child: python -m MODULE --run SPEC
 FORMAT_VERSION = 1  # bump when the built models change, to invalidate cached inputs
 
 D_MODEL, HEADS, SUB_CHANNELS = 512, 8, 256  # FastConformer-large widths
-BASE_STEPS = 1000  # the generalist's BatchNorm step counter, as in merge_bench.py's base
+BASE_STEPS = 1000  # the generalist's BatchNorm step counter, as in benchmarks.synthetic's base
 UNTRAINED = "preprocessor."  # the feature extractor's window and filterbank: never trained
 COUNTER = "num_batches_tracked"
 WEIGHTS_MEMBER = "model_weights.ckpt"
@@ -109,7 +105,7 @@ def model_overrides(layers: int) -> list[str]:
 
 
 def expert_state(base: dict[str, Any], index: int) -> dict[str, Any]:
-    """merge_bench.py's expert (small deltas, BN step counters moved on) of every tensor
+    """benchmarks.synthetic's expert (small deltas, BN step counters moved on) of every tensor
     fine-tuning changes; the preprocessor's stay the base's."""
     trained = {name: t for name, t in base.items() if not name.startswith(UNTRAINED)}
     return {**base, **build_expert(trained, index)}
@@ -119,10 +115,10 @@ def build_inputs(inputs: Inputs, layers: int) -> None:
     """Build the base with NeMo's API and save it and its experts with ``save_to``."""
     import torch
 
-    from nemo_inputs import ensure_tokenizer, save_nemo, tiny_config
     from nemo_merge.models import build_model
+    from nemo_merge.testing import TINY_CONFIG, ensure_tokenizer, save_nemo
 
-    model = build_model(tiny_config(), ensure_tokenizer(inputs.base.parent), model_overrides(layers), seed=0)
+    model = build_model(TINY_CONFIG, ensure_tokenizer(inputs.base.parent), model_overrides(layers), seed=0)
     with torch.no_grad():
         for name, buffer in model.named_buffers():
             if name.endswith(COUNTER):
@@ -147,7 +143,7 @@ def ensure_inputs(workdir: Path, layers: int, experts: int, log: Path) -> Inputs
     inputs.base.parent.mkdir(parents=True, exist_ok=True)
     print(f"building base + {experts} experts in {inputs.base.parent} ...", flush=True)
     spec = {"kind": "build", "base": str(inputs.base), "experts": [str(p) for p in inputs.experts], "layers": layers}
-    built = run_child(SCRIPT, "build", spec, log=log)
+    built = run_child(MODULE, "build", spec, log=log)
     print(f"  built in {built.wall_s:.1f} s", flush=True)
     return inputs
 
@@ -197,13 +193,6 @@ def child_legacy(spec: dict[str, Any]) -> dict[str, Any]:
     return timed(lambda: legacy_average(inputs.base, inputs.experts, Path(spec["output"])))
 
 
-def child_ours(spec: dict[str, Any]) -> dict[str, Any]:
-    import nemo_merge  # noqa: F401  (registers the .nemo kind; imports no NeMo)
-    from merge_bench import child_ours as merge_recipe
-
-    return merge_recipe(spec)
-
-
 def counters(state: dict[str, Any]) -> list[int]:
     """Every BatchNorm's ``num_batches_tracked``, in state-dict order."""
     return [int(t) for name, t in state.items() if name.endswith(COUNTER)]
@@ -245,7 +234,7 @@ def child_check(spec: dict[str, Any]) -> dict[str, Any]:
 
 CHILDREN: dict[str, ChildFn] = {
     "build": child_build,
-    "ours": child_ours,
+    "ours": child_ours,  # benchmarks.synthetic's: finds the .nemo kind through nemo_merge's plugin, imports no NeMo
     "legacy": child_legacy,
     "check": child_check,
 }
@@ -268,7 +257,7 @@ def run_once(plan: Plan, variant: str, spec: dict[str, Any], caches: Path | None
     starts from a fresh, empty digest cache folder made there."""
     Path(spec["output"]).unlink(missing_ok=True)
     env = {"ASR_MERGE_CACHE": tempfile.mkdtemp(prefix="cache-", dir=caches)} if caches else None
-    return run_quietly(SCRIPT, variant, spec, plan.quiet, env, plan.log)
+    return run_quietly(MODULE, variant, spec, plan.quiet, env, plan.log)
 
 
 def run_variants(plan: Plan, caches: Path) -> tuple[list[Result], dict[str, Any]]:
@@ -287,65 +276,11 @@ def run_variants(plan: Plan, caches: Path) -> tuple[list[Result], dict[str, Any]
     fastest = [min(rs, key=lambda r: r.wall_s) for rs in by_variant(results).values()]
     print("checking the outputs ...", flush=True)
     check_spec = {**common, "kind": "check", "ours": str(ours_out), "legacy": str(legacy_out)}
-    check = run_child(SCRIPT, "check", check_spec, log=plan.log)
+    check = run_child(MODULE, "check", check_spec, log=plan.log)
     return fastest, check.extra
 
 
 # ------------------------------------------------------------------------- report
-
-
-TABLE = [
-    Column("variant", 22, "<"),
-    Column("work s", 7),
-    Column("process s", 9),
-    Column("cpu s", 7),
-    Column("peak RSS GiB", 12),
-    Column("peak priv GiB", 13),
-    Column("idle priv GiB", 13),
-    Column("other cpu", 9),
-]
-RATIO_TABLE = [
-    Column("ours / legacy", 22, "<"),
-    Column("work s", 7),
-    Column("process s", 9),
-    Column("peak RSS", 9),
-    Column("peak priv", 9),
-    Column("priv above idle", 15),
-]
-
-
-def table(results: list[Result]) -> list[str]:
-    rows = [
-        [
-            r.variant,
-            f"{r.wall_s:.2f}",
-            f"{r.process_s:.2f}",
-            f"{r.cpu_s:.2f}",
-            f"{gib(r.peak_rss_kib):.3f}",
-            f"{gib(r.peak_anon_kib):.3f}",
-            f"{gib(r.idle_anon_kib):.3f}",
-            f"{r.other_cores:.2f}",
-        ]
-        for r in results
-    ]
-    return render_table(TABLE, rows)
-
-
-def ratio_table(results: list[Result]) -> list[str]:
-    legacy = next(r for r in results if r.variant.startswith("legacy"))
-    rows = [
-        [
-            r.variant,
-            f"{r.wall_s / legacy.wall_s:.2f}",
-            f"{r.process_s / legacy.process_s:.2f}",
-            f"{r.peak_rss_kib / legacy.peak_rss_kib:.2f}",
-            f"{r.peak_anon_kib / legacy.peak_anon_kib:.2f}",
-            f"{(r.peak_anon_kib - r.idle_anon_kib) / (legacy.peak_anon_kib - legacy.idle_anon_kib):.2f}",
-        ]
-        for r in results
-        if r is not legacy
-    ]
-    return render_table(RATIO_TABLE, rows)
 
 
 def uniform(values: list[int]) -> str:
@@ -358,8 +293,8 @@ def check_lines(check: dict[str, Any]) -> list[str]:
     experts = [uniform(v) for v in c["experts"]]
     expert_sum = [sum(col) for col in zip(*c["experts"])]
     return [
-        f"both outputs restore with ASRModel.restore_from: ours as {check['classes']['ours']}, "
-        f"legacy as {check['classes']['legacy']}",
+        (f"both outputs restore with ASRModel.restore_from: ours as {check['classes']['ours']}, "
+         f"legacy as {check['classes']['legacy']}"),
         f"float weights: max |ours - legacy| = {check['max_abs_diff']:.2e} over {check['float_tensors']} float tensors",
         f"num_batches_tracked ({len(c['base'])} BatchNorms): base {uniform(c['base'])}, experts {', '.join(experts)}",
         f"  ours   {uniform(c['ours'])}: "
@@ -377,16 +312,16 @@ def header(plan: Plan, layers: int, warm_s: float) -> list[str]:
     size = plan.inputs.base.stat().st_size
     total = sum(p.stat().st_size for p in plan.inputs.all())
     return [
-        f"asr-merge vs NeMo checkpoint averaging: average of {len(plan.inputs.experts)} .nemo experts, "
-        f"{size / MB:.1f} MB each (FastConformer-CTC-BPE, float32, {layers} layers, d={D_MODEL}); {machine_summary()}",
-        f"inputs {plan.inputs.base.parent} ({total / MB:.0f} MB) read once beforehand in {warm_s:.2f} s: "
-        "every variant reads from the page cache",
-        "each variant in a fresh process; work s = the merge alone; process s = the child from start to exit "
-        "(start-up and imports included); priv = RssAnon (private anonymous pages), sampled every 5 ms; "
-        f"idle priv = RssAnon after imports; {plan.repeats} round(s) of the three variants, order alternating, "
-        "the fastest run of each (by work s) shown; other cpu = cores used by other processes meanwhile (each run "
-        f"first waits up to {plan.quiet.wait_s:g} s for them to use < {QUIET_CORES}, and is redone up to "
-        f"{plan.quiet.retries} times if they used more); the children's stderr is in {plan.log}",
+        (f"asr-merge vs NeMo checkpoint averaging: average of {len(plan.inputs.experts)} .nemo experts, "
+         f"{size / MB:.1f} MB each (FastConformer-CTC-BPE, float32, {layers} layers, d={D_MODEL}); {machine_summary()}"),
+        (f"inputs {plan.inputs.base.parent} ({total / MB:.0f} MB) read once beforehand in {warm_s:.2f} s: "
+         "every variant reads from the page cache"),
+        ("each variant in a fresh process; work s = the merge alone; process s = the child from start to exit "
+         "(start-up and imports included); priv = RssAnon (private anonymous pages), sampled every 5 ms; "
+         f"idle priv = RssAnon after imports; {plan.repeats} round(s) of the three variants, order alternating, "
+         "the fastest run of each (by work s) shown; other cpu = cores used by other processes meanwhile (each run "
+         f"first waits up to {plan.quiet.wait_s:g} s for them to use < {QUIET_CORES}, and is redone up to "
+         f"{plan.quiet.retries} times if they used more); the children's stderr is in {plan.log}"),
     ]
 
 
@@ -394,33 +329,17 @@ def header(plan: Plan, layers: int, warm_s: float) -> list[str]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = bench_parser(MODULE, __doc__)
     parser.add_argument("--layers", type=int, default=12, help="Conformer layers of the model (12: ~310 MB)")
     parser.add_argument("--experts", type=int, default=4, help="number of experts averaged")
     parser.add_argument(
         "--repeats", type=int, default=2, help="rounds of the three variants, order alternating; the fastest is shown"
     )
-    parser.add_argument(
-        "--workdir",
-        type=Path,
-        default=Path(tempfile.gettempdir()) / "asr-merge-bench",
-        help="inputs are built once and cached here, by parameters (default: %(default)s)",
-    )
+    add_workdir_option(parser)
     parser.add_argument("--keep", action="store_true", help="keep the two merged .nemo files in WORKDIR/out")
-    parser.add_argument(
-        "--quiet-wait",
-        type=float,
-        default=10.0,
-        help="before each run wait up to this many seconds for other processes to leave the CPUs idle",
+    add_quiet_options(
+        parser, wait_s=10.0, retries=0, note=" (default 0: the best of the rounds already discounts disturbed runs)"
     )
-    parser.add_argument(
-        "--retries",
-        type=int,
-        default=0,
-        help=f"rerun a run during which other processes used over {QUIET_CORES} cores up to this many times "
-        "(default 0: the best of the rounds already discounts disturbed runs)",
-    )
-    parser.add_argument("--run", help=argparse.SUPPRESS)  # internal: run one variant in this (child) process
     return parser.parse_args(argv)
 
 
@@ -445,18 +364,8 @@ def main(argv: list[str] | None = None) -> None:
         if not args.keep:
             for name in ("ours.nemo", "legacy.nemo"):
                 (outdir / name).unlink(missing_ok=True)
-    print()
-    report = [
-        *header(plan, args.layers, warm_s),
-        "",
-        *table(results),
-        "",
-        *ratio_table(results),
-        "",
-        *check_lines(check),
-    ]
-    print("\n".join(report))
-    print(f"\ntotal benchmark time {time.perf_counter() - started:.0f} s")
+    sections = [header(plan, args.layers, warm_s), variant_table(results), ratio_table(results), check_lines(check)]
+    print_report(sections, started)
 
 
 if __name__ == "__main__":

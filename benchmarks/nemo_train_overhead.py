@@ -47,7 +47,7 @@ which do identical work; its distance from 1 is the noise of whole-step ratios.
 Target: the headline ratio <= 1.03. For ``lora`` the table gives the trainable
 parameter count and the whole-step time against full fine-tuning (no target).
 
-Usage: ``python benchmarks/nemo_train_overhead.py [--steps 20] [--warmup 4] [--rounds 8]
+Usage: ``python -m benchmarks.nemo_train_overhead [--steps 20] [--warmup 4] [--rounds 8]
 [--snapshot-every 10] [--threads 1] [--workdir DIR]``. The data, tokenizer and base
 model are cached in the work folder (default ``/tmp/asr-merge-train-bench``).
 """
@@ -55,7 +55,6 @@ model are cached in the work folder (default ``/tmp/asr-merge-train-bench``).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -65,9 +64,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))  # run from a source tree without installing
+from benchmarks.measure import add_workdir_option, cpu_busy_s, own_cpu_s
 
 TARGET_OVERHEAD = 1.03
 ROUND_ORDER = ("plain", "ours", "ours", "plain", "lora")
@@ -94,23 +91,14 @@ class Run:
 def build_inputs(workdir: Path) -> tuple[Path, Path]:
     """``(base.nemo, train.json)`` in ``workdir``, built once: espeak-ng audio of the test
     utterances, a SentencePiece tokenizer and the tiny model, initialized with seed 0."""
-    from merge_core.audio import synthesize
-    from nemo_merge.models import build_model, train_tokenizer
-    from tests.nemo_merge.conftest import SPEED, TINY_CONFIG, TOKENIZER_VOCAB, UTTERANCES, english_sentences
+    from nemo_merge.models import build_model
+    from nemo_merge.testing import TINY_CONFIG, UTTERANCES, ensure_tokenizer, save_nemo, write_speech_manifest
 
     base, manifest = workdir / "base.nemo", workdir / "train.json"
-    if base.exists() and manifest.exists():
-        return base, manifest
-    lines = []
-    for i, (text, voice) in enumerate(UTTERANCES):
-        wav = workdir / "audio" / f"utt{i}.wav"
-        duration = synthesize(text, wav, voice=voice, speed=SPEED)
-        lines.append(json.dumps({"audio_filepath": str(wav), "duration": duration, "text": text}))
-    manifest.write_text("\n".join(lines) + "\n")
-    tokenizer = workdir / "tokenizer"
-    if not (tokenizer / "tokenizer.model").exists():
-        train_tokenizer(english_sentences(), tokenizer, vocab_size=TOKENIZER_VOCAB)
-    build_model(TINY_CONFIG, tokenizer, seed=0).save_to(str(base))
+    if not manifest.is_file():
+        write_speech_manifest(manifest, UTTERANCES)
+    if not base.is_file():
+        save_nemo(build_model(TINY_CONFIG, ensure_tokenizer(workdir), seed=0), base)
     return base, manifest
 
 
@@ -180,26 +168,15 @@ def our_callbacks(config: str, out: Path, snapshot_every: int) -> list[Any]:
 def fit_once(config: str, base: Path, manifest: Path, steps: int, snapshot_every: int, out: Path) -> Run:
     """Restore ``base``, configure it as ``config`` and fit ``steps`` steps; the same seed
     (data order, dither, SpecAugment, dropout) for every configuration."""
-    import lightning.pytorch as pl
     import torch
     from nemo.collections.asr.models import ASRModel
     from omegaconf import OmegaConf, open_dict
 
+    from nemo_merge.testing import cpu_trainer
+
     model = ASRModel.restore_from(str(base), map_location="cpu")
     timer = phase_timer()
-    trainer = pl.Trainer(
-        max_steps=steps,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        default_root_dir=str(out),
-        callbacks=[timer, *our_callbacks(config, out, snapshot_every)],
-    )
+    trainer = cpu_trainer(steps, out, callbacks=[timer, *our_callbacks(config, out, snapshot_every)])
     model.set_trainer(trainer)
     with open_dict(model.cfg):
         for key, value in config_sections(config).items():
@@ -213,21 +190,13 @@ def fit_once(config: str, base: Path, manifest: Path, steps: int, snapshot_every
     return Run(config, trainable, total, phase_times(timer.stamps))
 
 
-def busy_seconds() -> tuple[float, float]:
-    """(CPU seconds all processes spent busy, CPU seconds this process spent) so far."""
-    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    idle = fields[3] + fields[4]  # idle + iowait
-    own = os.times()
-    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK"), own.user + own.system
-
-
 def run_round(base: Path, manifest: Path, args: argparse.Namespace, fits: Path, index: int) -> tuple[list[Run], float]:
     """The fits of one round, and the cores other processes kept busy meanwhile."""
-    start_wall, (start_busy, start_own) = time.perf_counter(), busy_seconds()
+    start_wall, start_busy, start_own = time.perf_counter(), cpu_busy_s(), own_cpu_s()
     runs = []
     for k, config in enumerate(ROUND_ORDER):
         runs.append(fit_once(config, base, manifest, args.steps, args.snapshot_every, fits / f"r{index}-{k}-{config}"))
-    end_busy, end_own = busy_seconds()
+    end_busy, end_own = cpu_busy_s(), own_cpu_s()
     others = ((end_busy - start_busy) - (end_own - start_own)) / (time.perf_counter() - start_wall)
     return runs, max(others, 0.0)
 
@@ -292,13 +261,18 @@ def print_report(rounds: list[tuple[list[Run], float]], warmup: int) -> bool:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    # no --run: the fits run in this process
+    parser = argparse.ArgumentParser(prog=f"python -m {__spec__.name}", description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=20, help="optimizer steps per fit")
     parser.add_argument("--warmup", type=int, default=4, help="steps dropped at the start of each fit")
     parser.add_argument("--rounds", type=int, default=8, help="rounds of plain, ours, ours, plain, lora")
     parser.add_argument("--snapshot-every", type=int, default=10, help="TrajectorySnapshots interval (steps)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
-    parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "asr-merge-train-bench")
+    add_workdir_option(
+        parser,
+        default=Path(tempfile.gettempdir()) / "asr-merge-train-bench",
+        about="the data, tokenizer and base model are built once and cached here (default: %(default)s)",
+    )
     return parser.parse_args(argv)
 
 

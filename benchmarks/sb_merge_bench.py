@@ -22,12 +22,12 @@ the model), ``normalizer.ckpt``, ``scheduler.ckpt``, ``counter.ckpt``, ``brain.c
   plain way: ``torch.save`` of the average beside copies of the latest folder's other
   files and a ``CKPT.yaml``.
 
-Memory and time come from ``measure.py`` (see there): peak RssAnon (private memory)
+Memory and time come from ``benchmarks/measure.py`` (see there): peak RssAnon (private memory)
 and VmRSS sampled every ~5 ms by the parent, ``work s`` the merge alone, ``process s``
 the child from start to exit. Inputs are read once beforehand, so every variant
 reads them from the page cache. A last child compares the two ``model.ckpt`` files.
 
-Usage: ``python benchmarks/sb_merge_bench.py [--layers 4] [--checkpoints 4]
+Usage: ``python -m benchmarks.sb_merge_bench [--layers 4] [--checkpoints 4]
 [--workdir DIR] [--keep] [--quiet-wait 10] [--retries 1]``.
 """
 
@@ -36,22 +36,19 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))  # run from a source tree without installing
-
-from measure import (  # noqa: E402  (benchmarks/ is on sys.path when this script runs)
+from benchmarks.measure import (
     MB,
-    QUIET_CORES,
     ChildFn,
     Quiet,
     Result,
+    add_quiet_options,
+    add_workdir_option,
+    bench_parser,
     child_main,
     machine_summary,
     run_child,
@@ -59,13 +56,14 @@ from measure import (  # noqa: E402  (benchmarks/ is on sys.path when this scrip
     timed,
     warm_page_cache,
 )
-from nemo_merge_bench import ratio_table, table  # noqa: E402  (the same ours-vs-legacy tables)
+from benchmarks.synthetic import BASE_SCALE, DELTA_SCALE
+from benchmarks.synthetic import child_ours as merge_recipe
+from benchmarks.tables import print_report, ratio_table, variant_table
 
-SCRIPT = Path(__file__).resolve()  # the child of every variant
+MODULE = __spec__.name  # every variant's child: python -m MODULE --run SPEC
 FORMAT_VERSION = 1  # bump when the built checkpoints change, to invalidate cached inputs
 
 D_MODEL, HEADS, D_FFN, VOCAB, N_MELS = 512, 8, 2048, 5000, 80
-BASE_SCALE, DELTA_SCALE = 0.02, 1e-3
 OTHER_FILES = {  # the recoverables SpeechBrain saves as text
     "counter.ckpt": "{epoch}",
     "brain.ckpt": "avg_train_loss: 1.5\noptimizer_step: {steps}\nstep: 0\n",
@@ -188,7 +186,7 @@ def ensure_inputs(workdir: Path, layers: int, count: int) -> list[Path]:
     folders = checkpoint_folders(workdir, layers, count)
     if not all(f.is_dir() for f in folders):
         print(f"building {count} checkpoint folders in {folders[0].parent} ...", flush=True)
-        built = run_child(SCRIPT, "build", {"kind": "build", "folders": [str(f) for f in folders], "layers": layers})
+        built = run_child(MODULE, "build", {"kind": "build", "folders": [str(f) for f in folders], "layers": layers})
         print(f"  built in {built.wall_s:.1f} s", flush=True)
     return folders
 
@@ -201,9 +199,8 @@ def input_files(folders: list[Path]) -> list[Path]:
 
 
 def child_ours(spec: dict[str, Any]) -> dict[str, Any]:
-    import speechbrain_merge  # noqa: F401  (registers the CKPT+ kind; imports no SpeechBrain)
-    from merge_bench import child_ours as merge_recipe
-
+    """benchmarks.synthetic's ``ours`` (it finds the CKPT+ kind through speechbrain_merge's
+    plugin, and imports no SpeechBrain) on a clean slate."""
     shutil.rmtree(spec["output"], ignore_errors=True)  # a rerun's, before the timer starts
     if spec.get("hash_inputs", True):  # a rerun would find the digests its first try cached: start cold
         shutil.rmtree(os.environ["ASR_MERGE_CACHE"], ignore_errors=True)
@@ -279,8 +276,8 @@ def run_variants(folders: list[Path], outdir: Path, quiet: Quiet, caches: Path) 
         ("legacy (average_checkpoints)", legacy, None),
     ):
         print(f"running {variant} ...", flush=True)
-        results.append(run_quietly(SCRIPT, variant, spec, quiet, env))
-    check = run_child(SCRIPT, "check", {"kind": "check", "ours": str(ours_out), "legacy": str(legacy_out)})
+        results.append(run_quietly(MODULE, variant, spec, quiet, env))
+    check = run_child(MODULE, "check", {"kind": "check", "ours": str(ours_out), "legacy": str(legacy_out)})
     return results, check.extra
 
 
@@ -289,47 +286,33 @@ def header(folders: list[Path], layers: int, warm_s: float) -> list[str]:
     folder = sum(f.stat().st_size for f in folders[0].iterdir())
     total = sum(f.stat().st_size for f in input_files(folders))
     return [
-        f"asr-merge vs SpeechBrain average_checkpoints: average of {len(folders)} CKPT+ folders, "
-        f"{folder / MB:.0f} MB each (model.ckpt {model / MB:.0f} MB: CTC Conformer, float32, {layers} layers, "
-        f"d={D_MODEL}; optimizer.ckpt twice that); {machine_summary()}",
-        f"inputs {folders[0].parent} ({total / MB:.0f} MB) read once beforehand in {warm_s:.2f} s: "
-        "every variant reads from the page cache",
-        "each variant in a fresh process; work s = the merge and its output folder; process s = the child from start "
-        "to exit (start-up and imports included); priv = RssAnon (private anonymous pages), sampled every 5 ms; "
-        "idle priv = RssAnon after imports; other cpu = cores used by other processes meanwhile",
+        (f"asr-merge vs SpeechBrain average_checkpoints: average of {len(folders)} CKPT+ folders, "
+         f"{folder / MB:.0f} MB each (model.ckpt {model / MB:.0f} MB: CTC Conformer, float32, {layers} layers, "
+         f"d={D_MODEL}; optimizer.ckpt twice that); {machine_summary()}"),
+        (f"inputs {folders[0].parent} ({total / MB:.0f} MB) read once beforehand in {warm_s:.2f} s: "
+         "every variant reads from the page cache"),
+        ("each variant in a fresh process; work s = the merge and its output folder; process s = the child from start "
+         "to exit (start-up and imports included); priv = RssAnon (private anonymous pages), sampled every 5 ms; "
+         "idle priv = RssAnon after imports; other cpu = cores used by other processes meanwhile"),
     ]
 
 
 def check_lines(check: dict[str, Any]) -> list[str]:
     return [
-        f"model.ckpt: max |ours - legacy| = {check['max_abs_diff']:.2e} over {check['tensors']} tensors "
-        f"({'same names and order' if check['same_names'] else 'DIFFERENT names or order'})",
+        (f"model.ckpt: max |ours - legacy| = {check['max_abs_diff']:.2e} over {check['tensors']} tensors "
+         f"({'same names and order' if check['same_names'] else 'DIFFERENT names or order'})"),
         f"other files ({', '.join(check['others'])}): "
         + ("identical in both outputs" if check["others_identical"] else "DIFFER between the outputs"),
     ]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = bench_parser(MODULE, __doc__)
     parser.add_argument("--layers", type=int, default=4, help="Conformer layers of the model (4: ~120 MB model.ckpt)")
     parser.add_argument("--checkpoints", type=int, default=4, help="number of checkpoint folders averaged")
-    parser.add_argument(
-        "--workdir",
-        type=Path,
-        default=Path(tempfile.gettempdir()) / "asr-merge-bench",
-        help="inputs are built once and cached here, by parameters (default: %(default)s)",
-    )
+    add_workdir_option(parser)
     parser.add_argument("--keep", action="store_true", help="keep the two merged folders in WORKDIR/out")
-    parser.add_argument(
-        "--quiet-wait", type=float, default=10.0, help="wait up to this many seconds for idle CPUs before each run"
-    )
-    parser.add_argument(
-        "--retries",
-        type=int,
-        default=1,
-        help=f"rerun a run disturbed by over {QUIET_CORES} other cores up to this many times",
-    )
-    parser.add_argument("--run", help=argparse.SUPPRESS)  # internal: run one variant in this (child) process
+    add_quiet_options(parser, wait_s=10.0, retries=1)
     return parser.parse_args(argv)
 
 
@@ -351,18 +334,8 @@ def main(argv: list[str] | None = None) -> None:
         if not args.keep:
             for name in ("CKPT+ours", "CKPT+legacy"):
                 shutil.rmtree(outdir / name, ignore_errors=True)
-    print()
-    report = [
-        *header(folders, args.layers, warm_s),
-        "",
-        *table(results),
-        "",
-        *ratio_table(results),
-        "",
-        *check_lines(check),
-    ]
-    print("\n".join(report))
-    print(f"\ntotal benchmark time {time.perf_counter() - started:.0f} s")
+    sections = [header(folders, args.layers, warm_s), variant_table(results), ratio_table(results), check_lines(check)]
+    print_report(sections, started)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,10 @@
-"""Toolkit-free core of asr-merge: merge methods, streaming checkpoint I/O, recipes.
+"""asr-merge's toolkit-free library: merge methods, streaming checkpoint I/O, recipes,
+evaluation and training helpers.
 
-Never imports NeMo or SpeechBrain; the adapters (``nemo_merge``,
-``speechbrain_merge``) plug their checkpoint kinds into :mod:`merge_core.checkpoint`.
+Never imports NeMo, SpeechBrain, their adapters or the application
+(:mod:`merge_core.app`: the CLI, the demo, corpus synthesis, pretrained-model fetching).
+Toolkits plug in their checkpoint kinds, evaluators and fine-tuning launchers through
+entry points (:mod:`merge_core.plugins`).
 """
 
 from importlib.metadata import PackageNotFoundError, version
@@ -11,9 +14,14 @@ try:
 except PackageNotFoundError:  # running from a source tree that was never installed
     __version__ = "0+unknown"
 
+from merge_core import moved  # noqa: E402
+
+moved.install()
+
 from merge_core.engine import MergeResult, iter_merged, merge, open_inputs  # noqa: E402
 from merge_core.errors import MergeError  # noqa: E402
-from merge_core.recipe import Recipe, load_recipe  # noqa: E402
+from merge_core.recipes import parse_recipe, run_recipe  # noqa: E402
+from merge_core.recipes.merge import Recipe, load_recipe  # noqa: E402
 from merge_core.registry import available_methods, get_method, merge_method  # noqa: E402
 
 __all__ = [
@@ -27,4 +35,6 @@ __all__ = [
     "merge",
     "merge_method",
     "open_inputs",
+    "parse_recipe",
+    "run_recipe",
 ]

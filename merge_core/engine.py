@@ -15,17 +15,19 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
 from tqdm.auto import tqdm
 
 from merge_core.checkpoint import CheckpointReader, TensorSpec, create_writer, open_checkpoint
 from merge_core.errors import NonFiniteError, TensorMismatchError
-from merge_core.provenance import hash_in_background, provenance_record
-from merge_core.recipe import Recipe
+from merge_core.checkpoint.provenance import hash_in_background, provenance_record
 from merge_core.registry import TensorInputs
-from merge_core.sparsify import ModelMagnitudeTrim, magnitude_trim
+from merge_core.methods.sparsify import ModelMagnitudeTrim, magnitude_trim
+
+if TYPE_CHECKING:
+    from merge_core.recipes.merge import Recipe
 
 MERGE, NON_FLOAT, EXCLUDED = "merge", "non_float", "excluded"
 _LISTED = 5
@@ -102,11 +104,11 @@ def plan_actions(recipe: Recipe, template: CheckpointReader) -> dict[str, str]:
     return actions
 
 
-def _compute_dtype(tensors: list[torch.Tensor]) -> torch.dtype:
+def compute_dtype(tensors: list[torch.Tensor]) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
-def _check_finite(tensor: torch.Tensor, reader: CheckpointReader, name: str) -> None:
+def check_finite(tensor: torch.Tensor, reader: CheckpointReader, name: str) -> None:
     # a sum is one cheap pass and is non-finite whenever an entry is; only then
     # pay for the exact check (a sum of large finite values can overflow)
     accumulate = torch.float64 if tensor.dtype == torch.float64 else torch.float32
@@ -139,10 +141,10 @@ class TensorMerger:
         if not self.recipe.allow_nonfinite and name not in self._checked:
             self._checked.add(name)  # model-wide trimming reads every tensor twice
             if base is not None:
-                _check_finite(base, self.inputs.base, name)
+                check_finite(base, self.inputs.base, name)
             for reader, tensor in zip(self.inputs.models, models):
-                _check_finite(tensor, reader, name)
-        dtype = _compute_dtype(([base] if base is not None else []) + models)
+                check_finite(tensor, reader, name)
+        dtype = compute_dtype(([base] if base is not None else []) + models)
         base = base.to(dtype) if base is not None else None
         return base, [m.to(dtype) for m in models], dtype
 
@@ -189,12 +191,13 @@ def build_model_trim(merger: TensorMerger, names: list[str], progress: bool) -> 
 
 
 def iter_merged(
-    recipe: Recipe, inputs: Inputs, order: list[str], *, progress: bool = True
+    recipe: Recipe, inputs: Inputs, order: list[str], *, actions: dict[str, str] | None = None, progress: bool = True
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(name, tensor)`` for every output tensor in ``order``: merged ones
     computed, the rest passed through from the template. Nothing is written, so
-    callers can merge in memory (greedy soups) or stream to a writer."""
-    actions = plan_actions(recipe, inputs.template)
+    callers can merge in memory or stream to a writer. ``actions``: the
+    :func:`plan_actions` the caller already made (planned here otherwise)."""
+    actions = plan_actions(recipe, inputs.template) if actions is None else actions
     merger = TensorMerger(recipe, inputs)
     if _uses_model_trim(recipe):
         merger.model_trim = build_model_trim(merger, [n for n in order if actions[n] == MERGE], progress)
@@ -212,6 +215,7 @@ class MergeResult:
     copied: int
     seconds: float
     provenance: dict[str, Any]
+    summary: str = ""  # one line for people: "34 tensors merged by ties, 2 copied"
 
 
 # (role, reader, weight or None): one input of a merge, as its provenance records it
@@ -267,7 +271,8 @@ def write_stream(
         pool.shutdown(cancel_futures=True)
 
 
-def _tensor_record(recipe: Recipe, inputs: Inputs, actions: dict[str, str]) -> dict[str, Any]:
+def tensor_record(inputs: Inputs, actions: dict[str, str]) -> dict[str, Any]:
+    """The provenance of the output's tensors: how many were merged, which were copied and why."""
     return {
         "merged": sum(a == MERGE for a in actions.values()),
         "copied_from": str(inputs.template.path),
@@ -285,22 +290,24 @@ def merge(recipe: Recipe, *, progress: bool = True) -> MergeResult:
     output.parent.mkdir(parents=True, exist_ok=True)
     with open_inputs(recipe) as inputs:
         actions = plan_actions(recipe, inputs.template)
-        tensors = _tensor_record(recipe, inputs, actions)
+        tensors = tensor_record(inputs, actions)
         files, record = write_stream(
             output,
             recipe.to_dict(),
             input_roles(recipe, inputs),
             inputs.template,
             tensors,
-            lambda order: iter_merged(recipe, inputs, order, progress=progress),
+            lambda order: iter_merged(recipe, inputs, order, actions=actions, progress=progress),
             hash_inputs=recipe.hash_inputs,
             shard_size=recipe.shard_size,
         )
+    copied = len(actions) - tensors["merged"]
     return MergeResult(
         output=output,
         files=files,
         merged=tensors["merged"],
-        copied=len(actions) - tensors["merged"],
+        copied=copied,
         seconds=time.perf_counter() - start,
         provenance=record,
+        summary=f"{tensors['merged']} tensors merged by {recipe.method}, {copied} copied",
     )

@@ -1,8 +1,6 @@
-"""NeMo adapter for asr-merge: ``.nemo`` checkpoint I/O, forgetting evaluation, Hydra scripts.
+"""NeMo adapter for asr-merge: ``.nemo`` checkpoint I/O, forgetting evaluation, fine-tuning
+callbacks (LLRD, slanted triangular LR, LoRA, L-MAM, expert export) and Hydra scripts.
 
-Importing it registers the ``.nemo`` checkpoint kind with :mod:`merge_core.checkpoint`;
-that part needs no NeMo import, so ``asr-merge merge`` on ``.nemo`` files starts fast.
+The core finds it through its plugin (:mod:`nemo_merge.plugin`, entry point
+``asr_merge.toolkits: nemo``); importing this package imports no NeMo.
 """
-
-from nemo_merge import nemo_io  # noqa: F401  (registers the .nemo kind)
-from nemo_merge import select  # noqa: F401  (registers the greedy-soup dev evaluator; imports NeMo only when used)

@@ -36,7 +36,7 @@ from nemo.utils import logging
 from nemo.utils.trainer_utils import resolve_trainer_cfg as nemo_resolve_trainer_cfg
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from merge_core.checkpoint.atomic import discard, publish, temp_path
+from merge_core.atomic import discard, publish, temp_path
 from merge_core.errors import TrainingConfigError
 from merge_core.training.folding import plain_weights
 from merge_core.training.snapshots import snapshot_name, write_weights_snapshot
@@ -178,7 +178,7 @@ class ExportBestExpert(Callback):
 
 class TrajectorySnapshots(Callback):
     """Weights-only snapshots every N optimizer steps or N epochs, for MAST (averaging
-    checkpoints along one trajectory, seed 002).
+    checkpoints along one trajectory, Ducorroy and Riad).
 
     Each snapshot is ``dirpath/step-00001000.safetensors`` (or ``epoch-0003``): the
     model's state dict with LoRA folded, keys equal to a ``.nemo``'s
@@ -236,6 +236,18 @@ def _instantiate_callback(entry: Mapping[str, Any]) -> Callback:
     return safe_instantiate(entry)
 
 
+def switched_off(entry: Mapping[str, Any]) -> bool:
+    """An export or snapshot callback of ours whose destination (``path`` or ``dirpath``)
+    is null writes nothing: it is left out, so one override turns it off
+    (``trainer.callbacks.3.dirpath=null``).
+
+    >>> switched_off({"_target_": "nemo_merge.callbacks.TrajectorySnapshots", "dirpath": None})
+    True
+    """
+    ours = str(entry.get("_target_", "")).startswith(TRUSTED_TARGET_PREFIX)
+    return ours and any(key in entry and entry[key] is None for key in ("path", "dirpath"))
+
+
 def resolve_trainer_cfg(trainer_cfg: DictConfig) -> dict[str, Any]:
     """NeMo's ``nemo.utils.trainer_utils.resolve_trainer_cfg`` that also accepts this
     module's callbacks in ``trainer.callbacks``.
@@ -254,5 +266,5 @@ def resolve_trainer_cfg(trainer_cfg: DictConfig) -> dict[str, Any]:
     callbacks = container.pop("callbacks", None)
     resolved = nemo_resolve_trainer_cfg(OmegaConf.create(container))
     if callbacks is not None:
-        resolved["callbacks"] = [_instantiate_callback(entry) for entry in callbacks]
+        resolved["callbacks"] = [_instantiate_callback(entry) for entry in callbacks if not switched_off(entry)]
     return resolved

@@ -1,4 +1,4 @@
-"""The NeMo half of the AoDE demo (:mod:`merge_core.demo`): the shipped generalist
+"""The NeMo half of the AoDE demo (:mod:`merge_core.app.demo`): the shipped generalist
 ``models/nemo_generalist.nemo`` and one expert's fine-tuning by
 :func:`nemo_merge.finetune.finetune` from ``configs/nemo/finetune_expert.yaml`` (LLRD +
 slanted triangular schedule, LoRA folded back on export, per-epoch snapshots for MAST,
@@ -12,8 +12,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-import nemo_merge.nemo_io  # noqa: F401 (registers .nemo checkpoints for merging)
-from merge_core.demo import DemoPlan, DemoToolkit, ExpertJob
+from merge_core.app.demo import DemoPlan, DemoToolkit, ExpertJob
 from nemo_merge.evaluate import evaluate
 from nemo_merge.mact import mact_overrides
 

@@ -20,8 +20,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from merge_core import MergeError
 from merge_core.evaluation.runner import Backend, EvalConfig, ModelSpec, run_evaluation
-from merge_core.manifests import Utterance, read_nemo_manifest
-from merge_core.provenance import file_sha256
+from merge_core.evaluation.manifests import Utterance, read_nemo_manifest
+from merge_core.checkpoint.provenance import file_sha256
 from nemo_merge.hydra_args import config_path_from_cwd
 
 
@@ -45,6 +45,8 @@ class NemoBackend(Backend):
     toolkit = "nemo"
 
     def __init__(self) -> None:
+        import nemo.collections.asr  # noqa: F401  (NeMo's loggers exist before the evaluation redirects them)
+
         self._loaded: dict[str, Any] = {}
 
     def read_manifest(self, path: Path) -> list[Utterance]:

@@ -12,7 +12,7 @@ NGC/Hugging Face name), the trainer from ``trainer`` (through
 logging and checkpoints from ``exp_manager``. On top of it, config entries alone turn
 on LLRD (``model.llrd``), the slanted triangular schedule
 (``model.optim.sched.name: SlantedTriangular``), LoRA (``model.lora``), L-MAM
-(``model.lmam``: seed 003's learnable attention merging), the expert
+(``model.lmam``: Sundar et al.'s learnable attention merging), the expert
 export and trajectory snapshots (``trainer.callbacks``). The tokenizer is the
 generalist's: experts with another vocabulary could not be averaged with it.
 """

@@ -1,4 +1,4 @@
-"""L-MAM (seed 003, Eq. 3) for NeMo Conformer models from a ``model.lmam`` config section.
+"""L-MAM (Sundar et al., Eq. 3) for NeMo Conformer models from a ``model.lmam`` config section.
 
 .. code-block:: yaml
 
@@ -22,7 +22,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from merge_core.errors import TrainingConfigError
-from merge_core.lmam import LmamSettings, apply_lmam_from_checkpoint, has_lmam, lmam_lambdas
+from merge_core.attention.lmam import LmamSettings, apply_lmam_from_checkpoint, has_lmam, lmam_lambdas
 from merge_core.training.lora import has_lora
 from nemo_merge.folding import use_folding_connector
 from nemo_merge.lora import LORA_KEY

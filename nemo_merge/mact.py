@@ -1,4 +1,4 @@
-"""NeMo's MAcT runs (``asr-merge mact`` with ``toolkit: nemo``, :mod:`merge_core.mact`):
+"""NeMo's MAcT runs (``asr-merge mact`` with ``toolkit: nemo``, :mod:`merge_core.recipes.mact`):
 each run is ``python -m nemo_merge.finetune`` with the recipe's fine-tuning config, the
 generalist as ``init_from_nemo_model`` and the sampled hyper-parameters as overrides.
 
@@ -28,7 +28,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from merge_core.errors import RecipeError
-from merge_core.mact import Hyper, MactRecipe
+from merge_core.recipes.mact import Hyper, MactRecipe
 
 EXPORT_BEST = "nemo_merge.callbacks.ExportBestExpert"
 

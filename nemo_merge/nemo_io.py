@@ -24,8 +24,8 @@ from typing import Any, Mapping
 
 import yaml
 
-from merge_core.checkpoint.atomic import discard, publish, temp_path
-from merge_core.checkpoint.base import CheckpointReader, TensorSpec, register_kind
+from merge_core.atomic import discard, publish, temp_path
+from merge_core.checkpoint.base import CheckpointKind, CheckpointReader, TensorSpec
 from merge_core.checkpoint.torch_io import StagedWriter, TorchReader, save_staged_state_dict
 from merge_core.errors import CheckpointError, TensorMismatchError
 
@@ -206,10 +206,11 @@ def read_nemo_provenance(path: str | Path) -> dict[str, Any] | None:
     return None
 
 
-register_kind(
-    "nemo",
+NEMO_KIND = CheckpointKind(
+    NemoReader.kind,
     detect=lambda p: p.is_file() and p.suffix == ".nemo",
     reader=NemoReader,
     writer=NemoWriter,
     writes=lambda p: p.suffix == ".nemo",
+    describes="a .nemo file",
 )

@@ -1,4 +1,4 @@
-"""The NeMo dev evaluator of greedy soups (:mod:`merge_core.soup`): one model restored
+"""The NeMo dev evaluator of greedy soups (:mod:`merge_core.recipes.greedy_soup`): one model restored
 from the template ``.nemo`` once, its weights overwritten for every trial.
 
 For CTC models the preprocessor's features are computed once, by the model's own
@@ -19,10 +19,10 @@ from merge_core.checkpoint import CheckpointReader
 from merge_core.errors import RecipeError
 from merge_core.evaluation.runner import ModelSpec
 from merge_core.evaluation.wer import score
-from merge_core.manifests import Utterance, check_audio, read_nemo_manifest
-from merge_core.soup import DevSet, StateDict, register_dev_evaluator
+from merge_core.evaluation.manifests import Utterance, check_audio, read_nemo_manifest
+from merge_core.recipes.greedy_soup import DevSet
+from merge_core.selection import StateDict
 from nemo_merge.evaluate import hypothesis_text, restore
-from nemo_merge.nemo_io import NemoReader
 
 OPTIONS = ("decoding",)
 FRONTEND = "preprocessor."
@@ -98,5 +98,3 @@ class NemoDevEvaluator:
             hypotheses = self._decode_features()
         return score([u.text for u in self.utterances], hypotheses, self.dev.normalization, name="dev").wer
 
-
-register_dev_evaluator(NemoReader.kind, NemoDevEvaluator)

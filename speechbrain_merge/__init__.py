@@ -1,8 +1,6 @@
-"""SpeechBrain adapter for asr-merge: ``Checkpointer`` folder I/O, hparams helpers, Brain hooks.
+"""SpeechBrain adapter for asr-merge: ``Checkpointer`` folder I/O, forgetting evaluation,
+``MergeableBrain`` (LLRD, slanted triangular LR, LoRA, L-MAM, expert export) and recipes.
 
-Registers its checkpoint kinds with :mod:`merge_core.checkpoint` on import; that part
-needs no SpeechBrain import, so ``asr-merge merge`` on ``CKPT+`` folders starts fast.
+The core finds it through its plugin (:mod:`speechbrain_merge.plugin`, entry point
+``asr_merge.toolkits: speechbrain``); importing this package imports no SpeechBrain.
 """
-
-from speechbrain_merge import checkpoint_io  # noqa: F401  (registers the CKPT+ folder kind)
-from speechbrain_merge import select  # noqa: F401  (registers the greedy-soup dev evaluator; imports SpeechBrain only when used)

@@ -12,7 +12,7 @@ from merge_core.errors import RecipeError
 
 def overrides_as_items(overrides: str) -> list[str]:
     """SpeechBrain's overrides (``parse_arguments`` turns ``--key=value`` into YAML
-    lines) as the ``key=value`` items :func:`merge_core.recipe.apply_overrides` takes.
+    lines) as the ``key=value`` items :func:`merge_core.recipes.merge.apply_overrides` takes.
     Values are re-encoded as JSON, which YAML reads back unchanged.
 
     >>> overrides_as_items("parameters.density: 0.3\\nexclude: [normalizer.*]")

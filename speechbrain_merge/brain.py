@@ -15,16 +15,17 @@ A recipe opts in by changing one class name, ``class ASR(sb.Brain)`` to
     module names relative to ``self.modules``; applied when fitting starts, after
     which only LoRA parameters train.
 ``lmam``
-    ``{source_model, name_map, layers, init_lambda}`` (:class:`merge_core.lmam.LmamSettings`):
-    L-MAM (seed 003, Eq. 3), e.g. a BERT's attention into the HuBERT of
+    ``{source_model, name_map, layers, init_lambda}`` (:class:`merge_core.attention.lmam.LmamSettings`):
+    L-MAM (Sundar et al., Eq. 3), e.g. a BERT's attention into the HuBERT of
     ``speechbrain.integrations.huggingface.hubert.HuBERT`` (``name_map: bert_to_hubert``),
     its per-layer lambda learned with the model; applied when fitting starts (not
     together with ``lora``), folded in exports and snapshots.
-``export_path``, ``export_recoverables``
-    A folder: when ``fit`` ends, the expert (LoRA folded, the base's keys) is saved
-    there as a ``CKPT+`` folder of the named recoverables (default: all of the
-    Checkpointer's). ``asr-merge merge`` wants every member to hold the base
-    checkpoint's recoverables, so list those when the run added some (e.g. ``stlr``).
+``export_path``, ``export_recoverables``, ``export_name``
+    A folder: when ``fit`` ends, the expert (LoRA and L-MAM folded, the base's keys) is
+    saved there as ``CKPT+<export_name>`` (default ``CKPT+expert``) holding the named
+    recoverables: by default the model's (the ``nn.Module`` ones, e.g. ``model`` and
+    ``normalizer``), which is what a merge with the generalist wants; the optimizer,
+    schedulers and counters of the run are left out.
 ``snapshot_every_n_steps``, ``snapshot_dir``
     Weights-only ``step-XXXXXXXX.safetensors`` snapshots (LoRA and L-MAM folded) for MAST:
     the checkpointer's state-dict recoverables, named as in a ``CKPT+`` folder.
@@ -32,20 +33,58 @@ A recipe opts in by changing one class name, ``class ASR(sb.Brain)`` to
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import speechbrain as sb
+from speechbrain.dataio.dataloader import LoopedLoader
 from speechbrain.utils.distributed import if_main_process
+from torch.utils.data import DataLoader
 
 from merge_core.errors import TrainingConfigError
-from merge_core.lmam import LmamSettings, apply_lmam_from_checkpoint, has_lmam, lmam_lambdas
+from merge_core.attention.lmam import LmamSettings, apply_lmam_from_checkpoint, has_lmam, lmam_lambdas
 from merge_core.training.lora import LoraSettings, apply_lora, has_lora
-from speechbrain_merge.training import export_expert, llrd_optimizer, write_trajectory_snapshot
+from speechbrain_merge.training import EXPORT_NAME, export_expert, llrd_optimizer, model_recoverables, write_trajectory_snapshot
+
+# the hparams keys MergeableBrain reads (see the module docstring)
+MERGEABLE_KEYS = (
+    "llrd", "stlr", "lora", "lmam", "export_path", "export_recoverables", "export_name",
+    "snapshot_every_n_steps", "snapshot_dir",
+)
+
+
+def check_hparams_keys(brain_class: type, hparams: Mapping[str, Any]) -> None:
+    """Refuse fine-tuning keys that would be silently ignored: a key of MergeableBrain's on
+    a Brain without the mixin, or a key one typo away from one of them (``lorra``)."""
+    if not issubclass(brain_class, MergeableBrain):
+        given = [k for k in MERGEABLE_KEYS if hparams.get(k) is not None]
+        if given:
+            raise TrainingConfigError(
+                f"hparams key {given[0]!r} is read by speechbrain_merge.brain.MergeableBrain, and "
+                f"{brain_class.__name__} is a plain sb.Brain that would ignore it: derive it from MergeableBrain"
+            )
+    for key in hparams:
+        near = difflib.get_close_matches(str(key), MERGEABLE_KEYS, n=1, cutoff=0.8)
+        if near and key not in MERGEABLE_KEYS:
+            raise TrainingConfigError(f"hparams key {key!r} is read by nothing; did you mean {near[0]!r}?")
+
+
+def run_steps(batches_per_epoch: int, epoch_counter: Any, grad_accumulation_factor: int = 1) -> int:
+    """The optimizer steps of a whole run: ``Brain`` steps once every
+    ``grad_accumulation_factor`` batches, for each of the counter's ``limit`` epochs.
+
+    >>> from speechbrain.utils.epoch_loop import EpochCounter
+    >>> run_steps(10, EpochCounter(limit=3), grad_accumulation_factor=4)
+    6
+    """
+    return max(1, batches_per_epoch // grad_accumulation_factor) * int(epoch_counter.limit)
 
 
 def brain_from_hparams(brain_class: type[sb.Brain], hparams: dict[str, Any], run_opts: Any = None) -> sb.Brain:
-    """``brain_class`` over the hparams' ``modules``, ``opt_class`` and ``checkpointer``, as recipes build it."""
+    """``brain_class`` over the hparams' ``modules``, ``opt_class`` and ``checkpointer``, as
+    recipes build it, after :func:`check_hparams_keys`."""
+    check_hparams_keys(brain_class, hparams)
     return brain_class(
         modules=hparams["modules"],
         opt_class=hparams["opt_class"],
@@ -59,8 +98,18 @@ class MergeableBrain(sb.Brain):
     """``sb.Brain`` with LLRD, STLR, LoRA, L-MAM, trajectory snapshots and expert export,
     each switched on by its hparams key (see the module docstring)."""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        check_hparams_keys(type(self), vars(getattr(self, "hparams", None) or {}))
+
     def _setting(self, key: str) -> Any:
         return getattr(self.hparams, key, None)
+
+    @property
+    def owns_learning_rate(self) -> bool:
+        """True when ``llrd`` or ``stlr`` set the rates: a recipe's annealing (NewBob's
+        ``update_learning_rate`` sets one rate for every group) must then stay out."""
+        return self._setting("llrd") is not None or self._setting("stlr") is not None
 
     def on_fit_start(self) -> None:
         # LoRA and L-MAM go in before Brain wraps modules for DDP, builds the optimizer
@@ -156,9 +205,15 @@ class MergeableBrain(sb.Brain):
         counter = self._setting("epoch_counter")
         return int(getattr(counter, "current", 0))
 
-    def fit(self, *args: Any, **kwargs: Any) -> None:
-        """``Brain.fit``, then the expert export when hparams has ``export_path``."""
-        super().fit(*args, **kwargs)
+    def fit(self, epoch_counter: Any, train_set: Any, *args: Any, train_loader_kwargs: Any = None, **kwargs: Any) -> None:
+        """``Brain.fit``, then the expert export when hparams has ``export_path``. An
+        ``stlr`` without ``max_steps`` gets the run's optimizer steps, counted here."""
+        schedule = self._setting("stlr")
+        if schedule is not None and schedule.max_steps is None:
+            if not isinstance(train_set, (DataLoader, LoopedLoader)):
+                train_set = self.make_dataloader(train_set, stage=sb.Stage.TRAIN, **(train_loader_kwargs or {}))
+            schedule.max_steps = run_steps(len(train_set), epoch_counter, self.grad_accumulation_factor)
+        super().fit(epoch_counter, train_set, *args, train_loader_kwargs=train_loader_kwargs or {}, **kwargs)
         self.export_expert()
 
     def export_expert(self) -> Path | None:
@@ -169,7 +224,7 @@ class MergeableBrain(sb.Brain):
         if self.checkpointer is None:
             raise TrainingConfigError("export_path needs the Brain's checkpointer (its recoverables are exported)")
         available = self.checkpointer.recoverables
-        names = self._setting("export_recoverables") or list(available)
+        names = self._setting("export_recoverables") or model_recoverables(available)
         unknown = [name for name in names if name not in available]
         if unknown:
             raise TrainingConfigError(
@@ -177,4 +232,4 @@ class MergeableBrain(sb.Brain):
             )
         recoverables = {name: available[name] for name in names}
         meta = {"optimizer_step": self.optimizer_step, "epoch": self.epoch_number}
-        return export_expert(recoverables, self.modules, export_path, meta)
+        return export_expert(recoverables, self.modules, export_path, meta, self._setting("export_name") or EXPORT_NAME)

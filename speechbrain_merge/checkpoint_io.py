@@ -40,9 +40,8 @@ from typing import Any, Callable, Mapping
 import torch
 import yaml
 
-import merge_core.checkpoint.formats  # noqa: F401  (built-in kinds first, so this one is tried before them)
-from merge_core.checkpoint.atomic import discard, publish
-from merge_core.checkpoint.base import CheckpointReader, TensorSpec, register_kind
+from merge_core.atomic import discard, publish
+from merge_core.checkpoint.base import CheckpointKind, CheckpointReader, TensorSpec
 from merge_core.checkpoint.safetensors_io import INDEX_NAME
 from merge_core.checkpoint.torch_io import StagedWriter, save_staged_state_dict
 from merge_core.errors import CheckpointError, TensorMismatchError
@@ -210,10 +209,10 @@ def write_meta(path: Path, meta: Mapping[str, Any]) -> None:
     path.write_text("# yamllint disable\n" + yaml.safe_dump(dict(meta)), encoding="utf-8")
 
 
-def _without_prefix(prefix: str) -> Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+def without_prefix(prefix: str) -> Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
     """The recoverable's own state dict from its namespaced tensors.
 
-    >>> _without_prefix("model.")({"model.0.w.bias": 1})
+    >>> without_prefix("model.")({"model.0.w.bias": 1})
     {'0.w.bias': 1}
     """
     return lambda state: {name[len(prefix) :]: tensor for name, tensor in state.items()}
@@ -258,7 +257,7 @@ class CheckpointerFolderWriter(StagedWriter):
         base: CheckpointerFolderReader = self.base  # type: ignore[assignment]
         for recoverable, names in base.merged.items():
             dest = self._tmp / f"{recoverable}{PARAM_SUFFIX}"
-            save_staged_state_dict(staged, names, dest, _without_prefix(f"{recoverable}."))
+            save_staged_state_dict(staged, names, dest, without_prefix(f"{recoverable}."))
 
     def _copy_others(self) -> None:
         base: CheckpointerFolderReader = self.base  # type: ignore[assignment]
@@ -283,10 +282,11 @@ def read_checkpointer_provenance(path: str | Path) -> dict[str, Any] | None:
     return read_meta(Path(path)).get(PROVENANCE_KEY)
 
 
-register_kind(
+CHECKPOINTER_KIND = CheckpointKind(
     CheckpointerFolderReader.kind,
     detect=_looks_like_speechbrain,
     reader=CheckpointerFolderReader,
     writer=CheckpointerFolderWriter,
     writes=lambda p: p.name.startswith(OUTPUT_PREFIX),
+    describes="a SpeechBrain CKPT+ folder",
 )

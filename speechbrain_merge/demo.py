@@ -1,4 +1,4 @@
-"""The SpeechBrain half of the AoDE demo (:mod:`merge_core.demo`): the shipped generalist
+"""The SpeechBrain half of the AoDE demo (:mod:`merge_core.app.demo`): the shipped generalist
 ``models/speechbrain_generalist/`` and one expert's fine-tuning by a real ``Brain.fit``
 of the ``train_ctc`` recipe with :class:`~speechbrain_merge.brain.MergeableBrain`'s
 hparams keys (``llrd``, ``stlr``, ``lora``, ``export_path``, ``snapshot_every_n_steps``),
@@ -19,9 +19,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-import speechbrain_merge.checkpoint_io  # noqa: F401 (registers CKPT+ folders for merging)
-from merge_core.demo import DemoPlan, DemoToolkit, ExpertJob
-from speechbrain_merge.brain import MergeableBrain
+from merge_core.app.demo import DemoPlan, DemoToolkit, ExpertJob
 from speechbrain_merge.evaluate import evaluate
 from speechbrain_merge.recipes.train_ctc import CTCBrain, csv_dataset
 
@@ -39,10 +37,6 @@ LORA = {
     r"|ffn_module[12]\.1\.ffn\.[03])",
 }
 STLR = {"cut_frac": 0.1, "ratio": 32.0}
-
-
-class ExpertBrain(MergeableBrain, CTCBrain):
-    """The recipe's Brain with the fine-tuning keys: the one-line change a user makes."""
 
 
 def generalist_hparams(generalist: Path) -> dict[str, Any]:
@@ -115,8 +109,8 @@ def train_expert(plan: DemoPlan, job: ExpertJob, threads: int) -> Path:
     init = plan.init_of(job)
     hparams["model"].load_state_dict(torch.load(init / "model.ckpt", map_location="cpu", weights_only=True))
     hparams["normalize"]._load(init / "normalizer.ckpt")
-    brain = ExpertBrain(modules=hparams["modules"], opt_class=hparams["opt_class"], hparams=hparams,
-                        run_opts={"device": "cpu", "noprogressbar": True}, checkpointer=hparams["checkpointer"])
+    brain = CTCBrain(modules=hparams["modules"], opt_class=hparams["opt_class"], hparams=hparams,
+                     run_opts={"device": "cpu", "noprogressbar": True}, checkpointer=hparams["checkpointer"])
     brain.tokenizer = hparams["tokenizer"].sp
     train = csv_dataset(hparams["train_csv"], hparams, brain.tokenizer)
     if job.keeps_best:

@@ -47,13 +47,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from merge_core import MergeError
-from merge_core.checkpoint.atomic import discard
+from merge_core.atomic import discard
 from merge_core.errors import EvaluationError
 from merge_core.evaluation.cache import canonical_json
 from merge_core.evaluation.runner import Backend, EvalConfig, ModelSpec, run_evaluation
-from merge_core.manifests import Utterance, read_speechbrain_csv
-from merge_core.provenance import file_sha256
-from merge_core.recipe import load_yaml_config
+from merge_core.evaluation.manifests import Utterance, read_speechbrain_csv
+from merge_core.checkpoint.provenance import file_sha256
+from merge_core.recipes.merge import load_yaml_config
 from speechbrain_merge.arguments import parse_arguments
 from speechbrain_merge.checkpoint_io import PARAM_SUFFIX, not_a_checkpoint_reason, tensor_state_dict
 from speechbrain_merge.whisper import EncoderStates, encode_audio
@@ -242,6 +242,8 @@ class SpeechBrainBackend(Backend):
     toolkit = "speechbrain"
 
     def __init__(self, options: SpeechBrainOptions, workdir: Path) -> None:
+        import speechbrain.inference  # noqa: F401  (its loggers exist before the evaluation redirects them)
+
         self.options = options
         self.workdir = workdir
         self._loaded: dict[str, tuple[Any, Path]] = {}

@@ -1,5 +1,5 @@
 """SpeechBrain's MAcT runs (``asr-merge mact`` with ``toolkit: speechbrain``,
-:mod:`merge_core.mact`): each run is the recipe's own command line,
+:mod:`merge_core.recipes.mact`): each run is the recipe's own command line,
 ``python -m <recipe> <hparams> --output_folder=<run> --init_from=<base_model> --seed=<seed + i>``
 plus the recipe's overrides and the sampled hyper-parameters as ``--key=value``.
 
@@ -27,9 +27,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from merge_core.checkpoint.atomic import discard, publish, temp_path
+from merge_core.atomic import discard, publish, temp_path
 from merge_core.errors import RecipeError
-from merge_core.mact import Hyper, MactRecipe
+from merge_core.recipes.mact import Hyper, MactRecipe
 from speechbrain_merge.checkpoint_io import META_FILE, PARAM_SUFFIX
 
 HYPER_KEYS = {"lr_scale": "lr", "weight_decay": "weight_decay", "dropout": "dropout"}

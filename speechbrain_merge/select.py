@@ -1,4 +1,4 @@
-"""The SpeechBrain dev evaluator of greedy soups (:mod:`merge_core.soup`): one
+"""The SpeechBrain dev evaluator of greedy soups (:mod:`merge_core.recipes.greedy_soup`): one
 ``speechbrain.inference`` interface built from the template ``CKPT+`` folder once (as
 ``asr-merge eval`` builds it: ``dev.hparams``, ``hparams_overrides``, ``interface``,
 ``data_root``), its recoverables' weights overwritten for every trial.
@@ -16,13 +16,13 @@ from pathlib import Path
 
 import torch
 
-from merge_core.checkpoint import CheckpointReader
 from merge_core.errors import EvaluationError, RecipeError
 from merge_core.evaluation.runner import ModelSpec
 from merge_core.evaluation.wer import score
-from merge_core.manifests import check_audio, read_speechbrain_csv
-from merge_core.soup import DevSet, StateDict, register_dev_evaluator
-from speechbrain_merge.checkpoint_io import CheckpointerFolderReader, _without_prefix
+from merge_core.evaluation.manifests import check_audio, read_speechbrain_csv
+from merge_core.recipes.greedy_soup import DevSet
+from merge_core.selection import StateDict
+from speechbrain_merge.checkpoint_io import CheckpointerFolderReader, without_prefix
 
 Batches = list[tuple[torch.Tensor, torch.Tensor]]
 
@@ -58,17 +58,10 @@ class SpeechBrainDevEvaluator:
         """Each recoverable's module takes its own tensors (strictly: all of them)."""
         loadables = self.asr.hparams.pretrainer.loadables
         for recoverable, names in self.recoverables.items():
-            tensors = _without_prefix(f"{recoverable}.")({n: state[n] for n in names})
+            tensors = without_prefix(f"{recoverable}.")({n: state[n] for n in names})
             loadables[recoverable].load_state_dict(tensors, strict=True)
 
     def __call__(self, state: StateDict) -> float:
         self.load(state)
         hypotheses = [str(w) for wavs, lengths in self.batches for w in self.asr.transcribe_batch(wavs, lengths)[0]]
         return score(self.references, hypotheses, self.dev.normalization, name="dev").wer
-
-
-def _evaluator(template: CheckpointReader, dev: DevSet) -> SpeechBrainDevEvaluator:
-    return SpeechBrainDevEvaluator(template, dev)  # type: ignore[arg-type]  (registered for this kind only)
-
-
-register_dev_evaluator(CheckpointerFolderReader.kind, _evaluator)

@@ -23,7 +23,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from merge_core.checkpoint.atomic import discard, publish, temp_path
+from merge_core.atomic import discard, publish, temp_path
 
 CHECKPOINT_NAME = "whisper"  # the recoverable: CKPT+<name>/whisper.ckpt
 

@@ -1,16 +1,16 @@
 """The AoDE demo with a real pretrained generalist: OpenAI's Whisper tiny.en
 (``asr-merge demo --toolkit speechbrain --generalist whisper-tiny.en``).
 
-Seed 000's Whisper scenarios (single-domain fine-tunes, sequential fine-tuning, AoDE with
+The AoDE paper's Whisper scenarios (single-domain fine-tunes, sequential fine-tuning, AoDE with
 and without the original, re-weighted AoDE, TIES, task arithmetic) and its LLRD ablation
 (each single-domain fine-tune again with one learning rate for all layers), run by
-:mod:`merge_core.demo` with:
+:mod:`merge_core.app.demo` with:
 
-- the generalist: ``asr-merge get-model whisper-tiny.en`` (:mod:`merge_core.pretrained`)
+- the generalist: ``asr-merge get-model whisper-tiny.en`` (:mod:`merge_core.app.pretrained.fetch`)
   written as a Checkpointer folder ``<out>/generalist/CKPT+whisper-tiny.en``;
 - each expert: ``Brain.fit`` of :mod:`speechbrain_merge.recipes.train_whisper` with
   ``configs/speechbrain/whisper_finetune.yaml`` (LLRD alpha 0.8 over the decoder's
-  layers, as seed 000's Whisper rows, and the slanted triangular schedule);
+  layers, as the AoDE paper's Whisper rows, and the slanted triangular schedule);
 - evaluation: ``WhisperASR`` greedy decoding (``configs/speechbrain/whisper_inference.yaml``)
   of every test set, as the model ships: 30 s of padded audio per utterance.
 
@@ -29,9 +29,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-import speechbrain_merge.checkpoint_io  # noqa: F401 (registers CKPT+ folders for merging)
-from merge_core.demo import SEED000_SCENARIOS, DemoPlan, DemoSize, DemoToolkit, ExpertJob
-from merge_core.pretrained import fetch_model
+from merge_core.app.demo import PRETRAINED_SCENARIOS, DemoPlan, DemoSize, DemoToolkit, ExpertJob
+from merge_core.app.pretrained.fetch import fetch_model
 from speechbrain_merge.evaluate import evaluate
 from speechbrain_merge.demo import csv_rows, publish_export
 from speechbrain_merge.recipes.train_whisper import fit
@@ -146,7 +145,7 @@ WHISPER = DemoToolkit(
     dev_options=dev_options,
     fingerprint={"model": MODEL, "hparams": TRAIN_HPARAMS.read_text(encoding="utf-8")},
     sizes=WHISPER_SIZES,
-    scenarios=SEED000_SCENARIOS,
+    scenarios=PRETRAINED_SCENARIOS,
     prepare_generalist=prepare_generalist,
     # the frozen encoder is the generalist's in every expert: merges copy it from there
     # bit for bit (an average of equal tensors can differ in the last bit), so every

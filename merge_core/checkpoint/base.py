@@ -105,36 +105,52 @@ class CheckpointWriter(abc.ABC):
 
 
 @dataclass(frozen=True)
-class _Kind:
+class CheckpointKind:
+    """A checkpoint format: how to recognise, read and write it.
+
+    ``detect(path)`` says whether an existing path is of this kind; ``writes(path)``
+    whether an output path is; ``describes`` names it for people (``"a .nemo file"``).
+    """
+
     name: str
     detect: Callable[[Path], bool]
-    reader: Callable[[Path], CheckpointReader] | None
-    writer: Callable[..., CheckpointWriter] | None
-    writes: Callable[[Path], bool] | None
+    reader: Callable[[Path], CheckpointReader] | None = None
+    writer: Callable[..., CheckpointWriter] | None = None
+    writes: Callable[[Path], bool] | None = None
+    describes: str = ""
 
 
-_KINDS: list[_Kind] = []
+_KINDS: list[CheckpointKind] = []
 
 
-def register_kind(
-    name: str,
-    *,
-    detect: Callable[[Path], bool],
-    reader: Callable[[Path], CheckpointReader] | None = None,
-    writer: Callable[..., CheckpointWriter] | None = None,
-    writes: Callable[[Path], bool] | None = None,
-) -> None:
-    """Register a checkpoint kind. Kinds registered later are tried first, so an
-    adapter (``.nemo``, SpeechBrain ``CKPT+`` folders) can claim paths before the
-    generic torch reader does. ``writes(path)`` says whether an output path is of
-    this kind."""
-    _KINDS.insert(0, _Kind(name, detect, reader, writer, writes))
+def register_kind(kind: CheckpointKind) -> None:
+    """Register a checkpoint kind. Kinds registered later are tried first, so a
+    toolkit's (``.nemo``, SpeechBrain ``CKPT+`` folders) can claim paths before the
+    generic torch reader does. Toolkit plugins' kinds are registered on discovery
+    (:mod:`merge_core.plugins`)."""
+    if any(k.name == kind.name for k in _KINDS):
+        raise ValueError(f"checkpoint kind {kind.name!r} is registered twice")
+    _KINDS.insert(0, kind)
 
 
-def _kinds() -> Iterator[_Kind]:
+def _kinds() -> Iterator[CheckpointKind]:
     import merge_core.checkpoint.formats  # noqa: F401  (registers the built-in kinds)
+    from merge_core.plugins import toolkits
 
-    yield from _KINDS
+    toolkits()  # discovering the plugins registers their kinds
+    yield from list(_KINDS)
+
+
+def kinds() -> list[CheckpointKind]:
+    """Every registered kind, in the order paths are matched against them."""
+    return list(_kinds())
+
+
+def _missing_toolkits() -> str:
+    from merge_core.plugins import unavailable_toolkits
+
+    broken = unavailable_toolkits()
+    return "".join(f"; toolkit {name} could not be loaded ({why})" for name, why in broken.items())
 
 
 def open_checkpoint(path: str | Path) -> CheckpointReader:
@@ -145,7 +161,8 @@ def open_checkpoint(path: str | Path) -> CheckpointReader:
     for kind in _kinds():
         if kind.reader is not None and kind.detect(path):
             return kind.reader(path)
-    raise CheckpointError(f"{path}: not a checkpoint this tool can read ({', '.join(k.name for k in _kinds())})")
+    known = ", ".join(k.name for k in _kinds())
+    raise CheckpointError(f"{path}: not a checkpoint this tool can read ({known}){_missing_toolkits()}")
 
 
 def create_writer(
@@ -157,7 +174,7 @@ def create_writer(
         if kind.writer is not None and kind.writes is not None and kind.writes(path):
             return kind.writer(path, specs, base, **options)
     writable = ", ".join(k.name for k in _kinds() if k.writer is not None)
-    raise CheckpointError(f"{path}: no writer for this output (writable kinds: {writable})")
+    raise CheckpointError(f"{path}: no writer for this output (writable kinds: {writable}){_missing_toolkits()}")
 
 
 def check_order(specs: Sequence[str], position: int, name: str, path: Path) -> None:

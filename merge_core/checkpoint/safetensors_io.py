@@ -18,7 +18,7 @@ from typing import Any, BinaryIO, Mapping
 import torch
 from safetensors import safe_open
 
-from merge_core.checkpoint.atomic import discard, publish, temp_path
+from merge_core.atomic import discard, publish, temp_path
 from merge_core.checkpoint.base import CheckpointReader, CheckpointWriter, TensorSpec, check_order
 from merge_core.errors import CheckpointError
 

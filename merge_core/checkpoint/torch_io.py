@@ -16,7 +16,7 @@ from typing import Any, Callable, Mapping
 import torch
 from safetensors import safe_open
 
-from merge_core.checkpoint.atomic import discard, publish, temp_path
+from merge_core.atomic import discard, publish, temp_path
 from merge_core.checkpoint.base import CheckpointReader, CheckpointWriter, TensorSpec
 from merge_core.checkpoint.safetensors_io import SafetensorsWriter
 from merge_core.errors import CheckpointError

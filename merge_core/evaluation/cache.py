@@ -4,7 +4,7 @@ is decoded once.
 One JSON file per key, in ``cache_dir()/eval`` by default. The key is the SHA-256
 of a canonical JSON of three parts:
 
-- the weights digest: what was evaluated (e.g. :func:`merge_core.provenance.file_sha256`
+- the weights digest: what was evaluated (e.g. :func:`merge_core.checkpoint.provenance.file_sha256`
   of the checkpoint file);
 - the manifest digest (:func:`manifest_digest`): what it was evaluated on. Audio
   files are identified by their manifest entries (path, duration, transcript), not by
@@ -21,12 +21,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
-from merge_core.checkpoint.atomic import discard, temp_path
+from merge_core.atomic import write_atomically
 from merge_core.errors import EvaluationError
 
 # Bumped when the key's layout changes, so old entries stop matching instead of
@@ -34,19 +33,6 @@ from merge_core.errors import EvaluationError
 KEY_VERSION = 1
 
 KeyParts = Sequence[Any]  # (weights digest, manifest digest, decoding settings)
-
-
-def write_atomically(dest: Path, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp)`` on a hidden sibling of ``dest``, then rename it onto
-    ``dest``: readers see the old file or the whole new one, never a partial one."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path(dest)
-    try:
-        write(tmp)
-        os.replace(tmp, dest)
-    except BaseException:
-        discard(tmp)
-        raise
 
 
 def manifest_digest(path: str | Path) -> str:
@@ -100,7 +86,7 @@ def _key(key_parts: KeyParts) -> str:
 
 
 def _default_folder() -> Path:
-    from merge_core.provenance import cache_dir
+    from merge_core.checkpoint.provenance import cache_dir
 
     return cache_dir() / "eval"
 

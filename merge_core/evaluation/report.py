@@ -47,11 +47,13 @@ import math
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from merge_core.evaluation.cache import write_atomically
+from merge_core.atomic import write_atomically
 from merge_core.errors import EvaluationError
 from merge_core.evaluation.wer import WerStats
 
 DEFAULT_FORGETTING_SETS = ("test_clean", "test_other")
+# a bar's number at 7 pt ("100.0") fits across a bar this wide, in inches, or along one this wide
+_LABEL_ACROSS_IN, _LABEL_ALONG_IN = 0.3, 0.12
 
 Results = Mapping[str, Mapping[str, Any]]  # model -> set -> WerStats (or its as_dict())
 
@@ -226,13 +228,17 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         row = [m["name"], *(f"{m['wer'][s]:.2f}" for s in sets), f"{m['average_wer']:.2f}"]
         row.append(format_forgetting(m["forgetting_pct"]))
         lines.append("| " + " | ".join(map(_cell, row)) + " |")
+    reference = next(m for m in report["models"] if m["name"] == report["reference_model"])
+    sizes = ", ".join(
+        f"{s} {reference['stats'][s]['utterances']} ({reference['stats'][s]['words']} words)" for s in sets
+    )
     pooled = " + ".join(report["forgetting_sets"])
     note = (
         f"WER in %. Average: mean of the per-set WERs. % Forgetting: relative increase of the pooled "
         f"WER on {pooled} (errors and words summed) over the reference model `{report['reference_model']}`"
         "; n/a where the reference's pooled WER is 0."
     )
-    return "\n".join(["# WER and forgetting", "", *lines, "", note, ""])
+    return "\n".join(["# WER and forgetting", "", *lines, "", f"Utterances per set: {sizes}.", "", note, ""])
 
 
 def _plot(report: Mapping[str, Any], dest: Path) -> None:
@@ -252,12 +258,15 @@ def _plot(report: Mapping[str, Any], dest: Path) -> None:
     ax_wer, ax_fgt = fig.subplots(1, 2, gridspec_kw={"width_ratios": [left_w, right_w]})
     colors = [f"C{i % 10}" for i in range(n)]
 
+    # a bar's width on paper decides its number: across it, along it, or none (the table has them)
+    bar_inches = width * 0.85 * left_w / len(sets)
+    along = {"rotation": 90} if bar_inches < _LABEL_ACROSS_IN else {}
     for i, m in enumerate(models):
         values = [*(m["wer"][s] for s in report["sets"]), m["average_wer"]]
         xs = [j + (i - (n - 1) / 2) * width for j in range(len(sets))]
         bars = ax_wer.bar(xs, values, width, label=m["name"], color=colors[i])
-        if n * len(sets) <= 40:  # beyond that the numbers overlap; the table has them
-            ax_wer.bar_label(bars, fmt="%.1f", fontsize=7, padding=1)
+        if bar_inches >= _LABEL_ALONG_IN:
+            ax_wer.bar_label(bars, fmt="%.1f", fontsize=7, padding=1, **along)
     crowded = len(sets) > 4 or max(map(len, sets)) > 12
     ax_wer.set_xticks(range(len(sets)), sets, rotation=20 if crowded else 0, ha="right" if crowded else "center")
     ax_wer.set_ylabel("WER (%)")
@@ -265,7 +274,7 @@ def _plot(report: Mapping[str, Any], dest: Path) -> None:
     # Below the plot: inside it, the legend would hide the tallest bars.
     handles, labels = ax_wer.get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", ncols=min(n, 4), fontsize=8, frameon=False)
-    ax_wer.margins(y=0.15)
+    ax_wer.margins(y=0.25 if along else 0.15)
 
     names = [m["name"] for m in models]
     values = [m["forgetting_pct"] for m in models]

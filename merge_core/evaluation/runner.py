@@ -16,7 +16,7 @@ does the rest the same way for both toolkits. The config (YAML or Hydra):
     normalization: {lowercase: true, strip_punctuation: true, english: false}
     batch_size: 16
     max_utterances: null                     # evaluate the first N of each set (dev subsets)
-    output_dir: outputs/eval                 # report.json, report.md, report.png
+    output_dir: outputs/eval                 # report.json, report.md, report.png; eval.log (the toolkit's log)
     cache: true                              # reuse transcripts by (weights, manifest, decoding)
     cache_dir: null                          # default ~/.cache/asr-merge/eval
 """
@@ -35,8 +35,12 @@ from merge_core.errors import EvaluationError
 from merge_core.evaluation.cache import EvalCache, manifest_digest
 from merge_core.evaluation.report import DEFAULT_FORGETTING_SETS, build_report, render_markdown, write_report
 from merge_core.evaluation.text import TextNormalization
+from merge_core.evaluation.toolkit_log import toolkit_output_to
 from merge_core.evaluation.wer import WerStats, score
-from merge_core.manifests import Utterance, check_audio
+from merge_core.evaluation.manifests import Utterance, check_audio
+
+
+LOG_NAME = "eval.log"  # the toolkit's log and warnings, beside the report
 
 
 @dataclass(frozen=True)
@@ -159,32 +163,36 @@ def load_sets(backend: Backend, config: EvalConfig) -> dict[str, list[Utterance]
 
 
 def evaluate_models(backend: Backend, config: EvalConfig, progress: bool = True) -> dict[str, Any]:
-    """Transcribe every (model, set) pair not already cached, score it, and build the report."""
+    """Transcribe every (model, set) pair not already cached, score it, and build the report;
+    the toolkit's log, prints and warnings meanwhile go to ``<output_dir>/eval.log``."""
     sets = load_sets(backend, config)
     cache = EvalCache(config.cache_dir) if config.cache else None
     decoding = {**backend.decoding_settings(config), "max_utterances": config.max_utterances}
     digests = {name: manifest_digest(path) for name, path in config.manifests.items()}
     results: dict[str, dict[str, WerStats]] = {}
+    # the bar keeps the terminal; the toolkit's own output goes to the log
     pairs = tqdm(total=len(config.models) * len(sets), desc="evaluate", unit="set", disable=not progress)
-    for spec in config.models:
-        weights = backend.weights_digest(spec)
-        results[spec.name] = {}
-        for set_name, utterances in sets.items():
-            key = (weights, digests[set_name], decoding)
-            cached = cache.get(key) if cache else None
-            hypotheses = cached["hypotheses"] if cached else backend.transcribe(spec, utterances, config)
-            if cache and not cached:
-                cache.put(key, {"hypotheses": hypotheses, "model": spec.name, "set": set_name})
-            references = [u.text for u in utterances]
-            results[spec.name][set_name] = score(references, hypotheses, config.normalization, name=set_name)
-            pairs.update()
-        backend.release(spec)
+    with toolkit_output_to(Path(config.output_dir) / LOG_NAME):
+        for spec in config.models:
+            weights = backend.weights_digest(spec)
+            results[spec.name] = {}
+            for set_name, utterances in sets.items():
+                key = (weights, digests[set_name], decoding)
+                cached = cache.get(key) if cache else None
+                hypotheses = cached["hypotheses"] if cached else backend.transcribe(spec, utterances, config)
+                if cache and not cached:
+                    cache.put(key, {"hypotheses": hypotheses, "model": spec.name, "set": set_name})
+                references = [u.text for u in utterances]
+                results[spec.name][set_name] = score(references, hypotheses, config.normalization, name=set_name)
+                pairs.update()
+            backend.release(spec)
     pairs.close()
     return build_report(results, config.reference_model, config.forgetting_sets)
 
 
 def run_evaluation(backend: Backend, config: EvalConfig, progress: bool = True) -> tuple[dict[str, Any], dict[str, Path]]:
-    """Evaluate, write report.json / report.md / report.png, print the table."""
+    """Evaluate, write report.json / report.md / report.png, print the table. The
+    toolkit's log and warnings go to ``<output_dir>/eval.log``, not the terminal."""
     report = evaluate_models(backend, config, progress)
     files = write_report(report, config.output_dir)
     print(render_markdown(report))

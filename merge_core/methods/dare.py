@@ -8,7 +8,7 @@ from typing import Any, Mapping
 import torch
 
 from merge_core.registry import TensorInputs, merge_method
-from merge_core.sparsify import dare_drop, disjoint_mean, elect_sign, tensor_seed
+from merge_core.methods.sparsify import dare_drop, disjoint_mean, elect_sign, tensor_seed
 
 _DEFAULTS = {"lambda": 1.0, "density": 0.5, "seed": 0}
 

@@ -1,4 +1,5 @@
-"""Per-entry extreme-value aggregation (seed 000's Table IV comparison)."""
+"""Per-entry extreme-value aggregation: the comparison of Table IV in
+Plantinga et al., "Parameter Averaging Is All You Need to Prevent Forgetting"."""
 
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ from typing import Any, Mapping
 import torch
 
 from merge_core.registry import TensorInputs, merge_method
-from merge_core.sparsify import disjoint_mean, elect_sign
+from merge_core.methods.sparsify import disjoint_mean, elect_sign
 
 
 @merge_method(

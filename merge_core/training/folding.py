@@ -13,7 +13,7 @@ from typing import Iterator
 
 from torch import nn
 
-from merge_core.lmam import lmam_folded
+from merge_core.attention.lmam import lmam_folded
 from merge_core.training.lora import lora_folded
 
 

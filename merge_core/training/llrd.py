@@ -1,9 +1,10 @@
 """Layer-wise learning-rate decay (LLRD) as optimizer parameter groups.
 
-The paper (seed 000, Sec. III-A; seed 001, "Methods - LLRD") gives the top encoder
-layer the highest learning rate and each layer below it ``decay`` times the rate of
-the layer above; every parameter outside the encoder layers (preprocessor,
-pre-encoder, decoder, ...) gets the lowest encoder layer's rate.
+The AoDE paper (Plantinga et al., "Parameter Averaging Is All You Need to Prevent
+Forgetting", Sec. III-A, and its authors' talk, "Methods - LLRD") gives the top encoder
+layer the highest learning rate and each layer below it ``decay`` times the rate of the
+layer above; every parameter outside the encoder layers (preprocessor, pre-encoder,
+decoder, ...) gets the lowest encoder layer's rate.
 """
 
 from __future__ import annotations
@@ -83,67 +84,122 @@ def count_layers(module: nn.Module, pattern: re.Pattern[str]) -> int:
     return max(indices) + 1
 
 
-def llrd_param_groups(module: nn.Module, layer_pattern: str, decay: float, lr_top: float) -> list[dict[str, Any]]:
-    """Optimizer parameter groups applying LLRD to ``module``'s trainable parameters.
+def layer_patterns(value: Any) -> dict[str, re.Pattern[str]]:
+    """``layer_pattern`` as ``{stack name: compiled pattern}``; a single pattern is the
+    stack ``""``.
 
-    Encoder layer i of N (``layer_pattern`` captures its 0-based index j = i - 1 from
-    the parameter name) gets
+    >>> sorted(layer_patterns({"encoder": r"^enc\\.(\\d+)\\.", "decoder": r"^dec\\.(\\d+)\\."}))
+    ['decoder', 'encoder']
+    """
+    if isinstance(value, str):
+        return {"": compile_layer_pattern(value)}
+    if isinstance(value, Mapping) and value and all(isinstance(v, str) for v in value.values()):
+        return {str(stack): compile_layer_pattern(pattern) for stack, pattern in value.items()}
+    raise TrainingConfigError(
+        f"llrd.layer_pattern must be a regular expression or a mapping of stack names to them, got {value!r}"
+    )
 
-    .. math:: \\eta_i = \\eta_N \\, \\alpha^{N - i}
 
-    and every other trainable parameter the lowest layer's rate
-    :math:`\\eta_1 = \\eta_N \\alpha^{N-1}`, as the paper does.
+def _stack_layer(name: str, patterns: Mapping[str, re.Pattern[str]]) -> tuple[str, int] | None:
+    """``(stack, layer index)`` of parameter ``name``, or None outside every stack."""
+    for stack, pattern in patterns.items():
+        index = layer_index(name, pattern)
+        if index is not None:
+            return stack, index
+    return None
+
+
+LayerPattern = str | Mapping[str, str]
+
+
+def llrd_param_groups(module: nn.Module, layer_pattern: LayerPattern, decay: float, lr_top: float) -> list[dict[str, Any]]:
+    """Optimizer parameter groups applying LLRD to ``module``'s trainable parameters,
+    over one layer stack or several side by side, each decayed from its own top.
+
+    Layer i of stack s, which has N_s layers (``layer_pattern`` captures the 0-based
+    index j = i - 1 from the parameter name), gets
+
+    .. math:: \\eta_{s,i} = \\eta_{top} \\, \\alpha^{N_s - i}
+
+    and every other trainable parameter the lowest of the stacks' bottom rates,
+    :math:`\\min_s \\eta_{s,1}`. With one stack (an encoder) this is the paper's rule,
+    :math:`\\eta_i = \\eta_N \\alpha^{N - i}`, the rest at :math:`\\eta_1`.
+
+    **Two stacks (Whisper).** The stacks sit side by side, not on top of each other:
+    every decoder layer reads the encoder's top layer through cross-attention, so the
+    decoder's bottom layer is not "deeper" than the encoder's top; numbering the decoder
+    above the encoder would also give the encoder of a 32 + 32 layer Whisper a rate of
+    lr_top * 0.8^63, i.e. freeze it.
 
     Parameters
     ----------
     module : torch.nn.Module
         The model; only parameters with ``requires_grad`` are grouped.
-    layer_pattern : str
+    layer_pattern : str or mapping of str to str
         Regular expression matched at the start of each parameter name, with one group
-        capturing the layer index, e.g. ``r"^encoder\\.layers\\.(\\d+)\\."``.
+        capturing the layer index, e.g. ``r"^encoder\\.layers\\.(\\d+)\\."``; or stack name
+        to such a pattern, e.g. ``{"encoder": ..., "decoder": ...}``.
     decay : float
         alpha, in (0, 1].
     lr_top : float
-        eta_N, the top encoder layer's learning rate.
+        The top layer's learning rate, shared by every stack.
 
     Returns
     -------
     list of dict
-        One group per layer holding trainable parameters (``name`` ``"layer j"``), then
-        one (``name`` ``"rest"``) for the others; each with ``params`` and ``lr``.
+        One group per layer holding trainable parameters (``name`` ``"layer j"``, or
+        ``"<stack> layer j"``), in stack then layer order, then ``"rest"``; each with
+        ``params`` and ``lr``.
+
+    Examples
+    --------
+    >>> model = nn.ModuleDict({"enc": nn.ModuleList([nn.Linear(1, 1), nn.Linear(1, 1)]), "out": nn.Linear(1, 1)})
+    >>> [(g["name"], g["lr"]) for g in llrd_param_groups(model, r"^enc\\.(\\d+)\\.", 0.5, 1.0)]
+    [('layer 0', 0.5), ('layer 1', 1.0), ('rest', 0.5)]
     """
-    pattern = compile_layer_pattern(layer_pattern)
-    rates = layer_learning_rates(count_layers(module, pattern), decay, lr_top)
-    by_layer: dict[int, list[nn.Parameter]] = {}
+    patterns = layer_patterns(layer_pattern)
+    rates = {stack: layer_learning_rates(count_layers(module, p), decay, lr_top) for stack, p in patterns.items()}
+    by_layer: dict[tuple[str, int], list[nn.Parameter]] = {}
     rest: list[nn.Parameter] = []
     for name, param in module.named_parameters():
-        if not param.requires_grad:
-            continue
-        index = layer_index(name, pattern)
-        (rest if index is None else by_layer.setdefault(index, [])).append(param)
-    groups = [{"name": f"layer {j}", "params": by_layer[j], "lr": rates[j]} for j in sorted(by_layer)]
+        if param.requires_grad:
+            place = _stack_layer(name, patterns)
+            (rest if place is None else by_layer.setdefault(place, [])).append(param)
+    order = list(patterns)
+    groups = [
+        {"name": f"{stack} layer {j}".lstrip(), "params": by_layer[(stack, j)], "lr": rates[stack][j]}
+        for stack, j in sorted(by_layer, key=lambda place: (order.index(place[0]), place[1]))
+    ]
     if rest:
-        groups.append({"name": "rest", "params": rest, "lr": rates[0]})
+        groups.append({"name": "rest", "params": rest, "lr": min(r[0] for r in rates.values())})
     return groups
 
 
 @dataclass(frozen=True)
 class LLRDSettings:
     """The ``llrd`` config section: ``decay`` (alpha) and ``layer_pattern`` (a regular
-    expression capturing the encoder layer index from parameter names)."""
+    expression capturing the layer index from parameter names, or stack name to one)."""
 
     decay: float
-    layer_pattern: str
+    layer_pattern: LayerPattern
 
     @classmethod
-    def from_mapping(cls, section: Mapping[str, Any], default_layer_pattern: str) -> "LLRDSettings":
-        """Validated settings; ``layer_pattern`` defaults to the toolkit's encoder layers."""
+    def from_mapping(cls, section: Any, default_layer_pattern: str | None = None) -> "LLRDSettings":
+        """Validated settings; ``layer_pattern`` defaults to the toolkit's encoder layers
+        where it has standard names (NeMo), and is required where it has none."""
+        if not isinstance(section, Mapping):
+            raise TrainingConfigError(f"llrd must be a mapping with keys {', '.join(SETTINGS_KEYS)}, got {section!r}")
         unknown = sorted(set(section) - set(SETTINGS_KEYS))
         if unknown:
             raise TrainingConfigError(f"unknown key llrd.{unknown[0]}; known keys: {', '.join(SETTINGS_KEYS)}")
         decay = check_decay(section.get("decay"))
         layer_pattern = section.get("layer_pattern") or default_layer_pattern
-        compile_layer_pattern(layer_pattern)
+        if layer_pattern is None:
+            raise TrainingConfigError(
+                "llrd.layer_pattern is missing: this model's layers have no standard names; give a regular "
+                "expression capturing the layer index (or stack name -> one)"
+            )
+        layer_patterns(layer_pattern)
         return cls(decay=decay, layer_pattern=layer_pattern)
 
     def param_groups(self, module: nn.Module, lr_top: float) -> list[dict[str, Any]]:

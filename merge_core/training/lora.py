@@ -1,6 +1,7 @@
 """LoRA through PEFT on any torch model, depthwise convolutions included, and its fold-back.
 
-The paper (seed 000, Sec. III-B) fine-tunes experts with LoRA of rank 16-32 and
+The AoDE paper (Plantinga et al., "Parameter Averaging Is All You Need to Prevent Forgetting",
+Sec. III-B) fine-tunes experts with LoRA of rank 16-32 and
 scale alpha = 2r on the transformer layers *and* the depthwise convolution of
 Parakeet, then merges LoRA back into the weights before averaging the experts.
 

@@ -1,6 +1,7 @@
 """Weights-only snapshots along one fine-tuning trajectory, for MAST.
 
-MAST (seed 002, Sec. 3: "Merging Along a Single Trajectory") averages checkpoints
+MAST (Ducorroy and Riad, "Robust fine-tuning of speech recognition models via model merging: application to disordered speech",
+Sec. 3: "Merging Along a Single Trajectory") averages checkpoints
 saved during one fine-tuning run. A snapshot here is the model's state dict (LoRA
 already folded by the caller) as one ``.safetensors`` file, written to a hidden
 temporary file and renamed into place, so a crash never leaves a half-written
@@ -15,7 +16,7 @@ from typing import Mapping
 import torch
 from safetensors.torch import save_file
 
-from merge_core.checkpoint.atomic import discard, publish, temp_path
+from merge_core.atomic import write_atomically
 
 
 def snapshot_name(*, step: int | None = None, epoch: int | None = None) -> str:
@@ -46,14 +47,7 @@ def write_weights_snapshot(
         ``path``.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     # clone: safetensors refuses tensors that share storage, which state dicts may hold
     tensors = {name: tensor.detach().to("cpu", copy=True).contiguous() for name, tensor in state_dict.items()}
-    tmp = temp_path(path, ".safetensors")
-    try:
-        save_file(tensors, str(tmp), metadata=dict(metadata or {}))
-        publish(tmp, path)
-    except BaseException:
-        discard(tmp)
-        raise
+    write_atomically(path, lambda tmp: save_file(tensors, str(tmp), metadata=dict(metadata or {})))
     return path

@@ -1,7 +1,8 @@
 """The slanted triangular learning-rate schedule (STLR) of Howard & Ruder (2018, ULMFiT).
 
 The rate rises linearly for the first ``cut_frac`` of training, then falls linearly
-to ``1/ratio`` of its peak. The paper (seed 000, Sec. III-A) peaks at 10-20 % of
+to ``1/ratio`` of its peak. The AoDE paper (Plantinga et al., "Parameter Averaging Is All You Need to Prevent Forgetting",
+Sec. III-A) peaks at 10-20 % of
 training. Each optimizer group follows the schedule from its own peak rate, so the
 ratios LLRD sets between groups hold at every step.
 """

@@ -1,9 +1,9 @@
-"""MAM and L-MAM (seed 003) on the synthetic corpus: a tiny HuBERT CTC model, a tiny BERT.
+"""MAM and L-MAM (Sundar et al.) on the synthetic corpus: a tiny HuBERT CTC model, a tiny BERT.
 
     asr-merge make-corpus data/corpus --size default
     python recipes/mam_experiment/run.py data/corpus results/mam
 
-Seed 003 merges the attention of a text model (BERT-large) into a speech model
+Sundar et al. merge the attention of a text model (BERT-large) into a speech model
 (HuBERT-large fine-tuned with CTC). Neither downloads here, so both are built from
 configs at one width and depth and trained on the corpus:
 
@@ -40,10 +40,10 @@ import transformers
 from hyperpyyaml import load_hyperpyyaml
 from safetensors.torch import save_file
 
-from merge_core.corpus.files import write_text_atomically
-from merge_core.corpus import prepare_librispeech
-from merge_core.mam import MamRecipe, run_mam
-from merge_core.similarity import mean_pooled_hidden_states, rank_layers
+from merge_core.atomic import write_text_atomically
+from merge_core.app.corpus import prepare_librispeech
+from merge_core.recipes.mam import MamRecipe, run_mam
+from merge_core.attention.similarity import mean_pooled_hidden_states, rank_layers
 from speechbrain_merge.recipes.train_ctc import csv_dataset, fit
 from speechbrain_merge.recipes.train_hubert_ctc import HubertCTCBrain
 
@@ -172,7 +172,7 @@ def mam(args: argparse.Namespace, target: Path, source: Path, name: str, layers:
 
 def layer_ranking(args: argparse.Namespace, target: Path, source: Path, tokenizer: Any) -> list[int]:
     """Layers by SWD between mean-pooled HuBERT states of dev-clean audio and BERT states
-    of their transcripts (seed 003, Table 3), most similar first."""
+    of their transcripts (Sundar et al., Table 3), most similar first."""
     hparams = hparams_for(args, args.out / "eval" / "similarity")
     hparams["model"].load_state_dict(torch.load(target / "model.ckpt", map_location="cpu", weights_only=True))
     hubert = hparams["hubert"].model.eval()

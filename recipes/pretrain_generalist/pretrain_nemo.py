@@ -22,9 +22,9 @@ from pathlib import Path
 import lightning.pytorch as pl
 from omegaconf import open_dict
 
-from merge_core.checkpoint.atomic import publish
-from merge_core.corpus import prepare_librispeech
-from merge_core.corpus.files import write_text_atomically
+from merge_core.atomic import publish
+from merge_core.app.corpus import prepare_librispeech
+from merge_core.atomic import write_text_atomically
 from nemo_merge.evaluate import evaluate
 from nemo_merge.models import build_model, train_tokenizer
 

@@ -21,8 +21,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from merge_core.checkpoint.atomic import publish
-from merge_core.corpus import prepare_librispeech
+from merge_core.atomic import publish
+from merge_core.app.corpus import prepare_librispeech
 from speechbrain_merge.evaluate import evaluate
 
 REPO = Path(__file__).resolve().parents[2]

@@ -1,15 +1,25 @@
-"""Recipe for training a CTC ASR model on CSV manifests with SpeechBrain.
+"""Recipe for training a CTC ASR model on CSV manifests with SpeechBrain, and for
+fine-tuning one into a domain expert for merging.
 
 The encoder is a convolutional front end and a Conformer (``TransformerASR.encode``),
 decoded by greedy CTC. The data are CSVs in ``librispeech_prepare.py``'s layout
 (``ID,duration,wav,spk_id,wrd``). Every epoch ends with the validation WER and a
-checkpoint; training resumes from the latest checkpoint of ``save_folder``, so a copy
-of a generalist's ``CKPT+`` folder in a fresh save folder fine-tunes it into an expert.
+checkpoint; training resumes from the latest checkpoint of ``save_folder``. The Brain is
+a :class:`~speechbrain_merge.brain.MergeableBrain`: the hparams keys ``llrd``, ``stlr``,
+``lora``, ``lmam``, ``export_path`` and ``snapshot_every_n_steps`` work here, and
+``init_from`` starts the run from a generalist's ``CKPT+`` folder.
 
-To run this recipe (e.g. with configs/speechbrain/tiny_ctc.yaml):
+To train (e.g. with configs/speechbrain/tiny_ctc.yaml):
 
 > python -m speechbrain_merge.recipes.train_ctc hparams.yaml --output_folder=results/ctc \\
       --data_root=/data --train_csv=train.csv --valid_csv=dev.csv
+
+To fine-tune an expert from the shipped generalist (its architecture, tokenizer, a
+fine-tuning rate, LLRD, STLR and the export are in the hparams):
+
+> python -m speechbrain_merge.recipes.train_ctc configs/speechbrain/finetune_generalist.yaml \\
+      --output_folder=results/experts/noisy --data_root=/data \\
+      --train_csv=noisy/train.csv --valid_csv=noisy/dev.csv
 """
 
 from __future__ import annotations
@@ -22,10 +32,10 @@ import speechbrain as sb
 import torch
 from hyperpyyaml import load_hyperpyyaml
 
-from speechbrain_merge.brain import brain_from_hparams
+from speechbrain_merge.brain import MergeableBrain, brain_from_hparams
 
 
-class CTCBrain(sb.Brain):
+class CTCBrain(MergeableBrain):
     """CTC training and evaluation; ``tokenizer`` (a SentencePieceProcessor) is set by the caller."""
 
     def compute_forward(self, batch, stage):
@@ -57,17 +67,21 @@ class CTCBrain(sb.Brain):
             self.wer_metric = self.hparams.wer_computer()
 
     def on_stage_end(self, stage, stage_loss, epoch):
-        """Anneal the learning rate and checkpoint after validation; write WERs after testing."""
+        """Anneal the learning rate (NewBob, unless LLRD or STLR set the rates) and
+        checkpoint after validation; write WERs after testing."""
         stats = {"loss": stage_loss}
         if stage == sb.Stage.TRAIN:
             self.train_stats = stats
             return
         stats["WER"] = self.wer_metric.summarize("error_rate")
         if stage == sb.Stage.VALID:
-            old_lr, new_lr = self.hparams.lr_annealing(stage_loss)
-            sb.nnet.schedulers.update_learning_rate(self.optimizer, new_lr)
+            lr = self.optimizer.param_groups[-1]["lr"]
+            annealing = getattr(self.hparams, "lr_annealing", None)
+            if annealing is not None and not self.owns_learning_rate:
+                lr, new_lr = annealing(stage_loss)
+                sb.nnet.schedulers.update_learning_rate(self.optimizer, new_lr)
             self.hparams.train_logger.log_stats(
-                stats_meta={"epoch": epoch, "lr": old_lr}, train_stats=self.train_stats, valid_stats=stats
+                stats_meta={"epoch": epoch, "lr": lr}, train_stats=self.train_stats, valid_stats=stats
             )
             self.checkpointer.save_and_keep_only(
                 meta={"WER": stats["WER"]}, min_keys=["WER"], num_to_keep=self.hparams.avg_checkpoints

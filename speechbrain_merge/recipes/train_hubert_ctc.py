@@ -3,8 +3,8 @@
 ``train_ctc``'s recipe with the encoder swapped: raw waveforms go through
 ``speechbrain.integrations.huggingface.hubert.HuBERT`` (any local Hugging Face HuBERT
 or wav2vec2 folder, or a hub name for users with network access), then a linear CTC
-head. The Brain is a :class:`~speechbrain_merge.brain.MergeableBrain`, so the hparams
-keys ``lmam`` (seed 003's L-MAM, e.g. a BERT's attention), ``llrd``, ``stlr`` and
+head. The Brain is ``train_ctc``'s, a :class:`~speechbrain_merge.brain.MergeableBrain`, so the hparams
+keys ``lmam`` (Sundar et al.'s L-MAM, e.g. a BERT's attention), ``llrd``, ``stlr`` and
 ``export_path`` work here.
 
 To run this recipe (e.g. with configs/speechbrain/tiny_hubert_ctc.yaml):
@@ -17,11 +17,10 @@ from __future__ import annotations
 
 import torch
 
-from speechbrain_merge.brain import MergeableBrain
 from speechbrain_merge.recipes.train_ctc import CTCBrain, main
 
 
-class HubertCTCBrain(MergeableBrain, CTCBrain):
+class HubertCTCBrain(CTCBrain):
     """CTC over the HuBERT wrapper's last hidden states."""
 
     def encode(self, wavs: torch.Tensor, wav_lens: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from merge_core import Recipe, merge
-from merge_core.sparsify import dare_drop, tensor_seed
+from merge_core.methods.sparsify import dare_drop, tensor_seed
 from tests.merge_core import reference as ref
 from tests.merge_core.conftest import KINDS, load_output, output_path
 

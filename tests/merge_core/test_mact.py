@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from merge_core.errors import RecipeError
-from merge_core.mact import RANGES, MactRecipe, load_mact_recipe, run_mact
+from merge_core.recipes.mact import RANGES, MactRecipe, load_mact_recipe, run_mact
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""MAM across architectures (seed 003): name maps, layer choice by similarity, L-MAM."""
+"""MAM across architectures (Sundar et al.): name maps, layer choice by similarity, L-MAM."""
 
 from __future__ import annotations
 
@@ -7,12 +7,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from merge_core.checkpoint.safetensors_io import read_provenance
-from merge_core.cli import main
+from merge_core.app.cli import main
 from merge_core.errors import RecipeError, TensorMismatchError, TrainingConfigError
-from merge_core.lmam import LmamSettings, apply_lmam, apply_lmam_from_checkpoint, fold_lmam, lmam_folded, lmam_lambdas
-from merge_core.mam import MamRecipe, run_mam
-from merge_core.name_map import BUILTIN_MAPS, map_tensors
-from merge_core.similarity import euclidean, rank_layers, sliced_wasserstein, top_k_layers
+from merge_core.attention.lmam import LmamSettings, apply_lmam, apply_lmam_from_checkpoint, fold_lmam, lmam_folded, lmam_lambdas
+from merge_core.recipes.mam import MamRecipe, run_mam
+from merge_core.attention.name_map import BUILTIN_MAPS, map_tensors
+from merge_core.attention.similarity import euclidean, rank_layers, sliced_wasserstein, top_k_layers
 
 transformers = pytest.importorskip("transformers")
 

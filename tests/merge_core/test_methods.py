@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from merge_core.registry import TensorInputs, available_methods, get_method
-from merge_core.sparsify import magnitude_trim
+from merge_core.methods.sparsify import magnitude_trim
 from tests.merge_core import reference as ref
 
 
@@ -99,7 +99,7 @@ def test_dare_linear_expected_value_and_rescale(experts):
     density = 0.3
     got = run("dare_linear", base, models, density=density, seed=1)
     # each expert's surviving entries are tau_i / density; the sum is over experts
-    from merge_core.sparsify import dare_drop, tensor_seed
+    from merge_core.methods.sparsify import dare_drop, tensor_seed
 
     expected = base.double().clone()
     for i, m in enumerate(models):
@@ -122,7 +122,7 @@ def test_dare_is_deterministic_per_seed_and_name(experts):
 def test_dare_ties_equals_ties_on_the_dropped_vectors(experts):
     base, models = experts
     got = run("dare_ties", base, models, density=0.5, seed=7, **{"lambda": 0.8})
-    from merge_core.sparsify import dare_drop, tensor_seed
+    from merge_core.methods.sparsify import dare_drop, tensor_seed
 
     # rebuild tau~_i with the same per-(seed, name, i) generators
 

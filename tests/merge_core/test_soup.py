@@ -1,4 +1,4 @@
-"""Greedy selective merging (SMAcT, seed 002's Algorithm 1) with a fake dev evaluation
+"""Greedy selective merging (SMAcT, Ducorroy and Riad's Algorithm 1) with a fake dev evaluation
 whose answer is known: WER = mean distance of the merged weights to a target."""
 
 from __future__ import annotations
@@ -12,10 +12,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from merge_core import soup
+from merge_core.plugins import ToolkitPlugin, register_toolkit, unregister_toolkit
 from merge_core.checkpoint.safetensors_io import read_provenance
-from merge_core.errors import RecipeError
-from merge_core.soup import RunningSoup, greedy_select, load_soup_recipe, run_greedy_soup, select
+from merge_core.errors import EvaluationError, RecipeError
+from merge_core.recipes.greedy_soup import load_soup_recipe, run_greedy_soup
+from merge_core.selection import RunningSoup, Selection, greedy_select, select
 from tests.merge_core.conftest import SHAPES, make_state, save_kind
 
 ASR_MERGE = str(Path(sys.executable).parent / "asr-merge")
@@ -26,7 +27,7 @@ def distance(state: dict[str, torch.Tensor]) -> float:
     return float((state["w"] - TARGET).abs().mean())
 
 
-def run(candidates: dict[str, torch.Tensor], order: str = "given") -> soup.Selection:
+def run(candidates: dict[str, torch.Tensor], order: str = "given") -> Selection:
     fixed = {"step": torch.tensor(7)}
     running = RunningSoup(fixed, {"w": torch.float32, "step": torch.int64})
     return select(list(candidates), lambda c: {"w": candidates[c]}, distance, running, order)
@@ -82,7 +83,7 @@ def test_first_wer_is_not_measured_again():
 
 def test_nan_wer_is_an_error():
     running = RunningSoup({}, {"w": torch.float32})
-    with pytest.raises(soup.EvaluationError, match="no reference words"):
+    with pytest.raises(EvaluationError, match="no reference words"):
         greedy_select(["a"], lambda c: {"w": torch.ones(4)}, lambda s: float("nan"), running)
 
 
@@ -93,7 +94,7 @@ LINEAR = "encoder.layers.0.self_attn.linear_q.weight"
 
 
 @pytest.fixture
-def fake_evaluator(monkeypatch):
+def fake_evaluator():
     """A dev "WER" for safetensors templates: distance of one weight to the base's."""
     target = make_state(0)[LINEAR]
     seen = []
@@ -102,8 +103,9 @@ def fake_evaluator(monkeypatch):
         seen.append(dev)
         return lambda state: float((state[LINEAR] - target).abs().mean())
 
-    monkeypatch.setitem(soup._EVALUATORS, "safetensors", factory)
-    return seen
+    register_toolkit(ToolkitPlugin(name="fake", extra="fake", dev_evaluators={"safetensors": factory}))
+    yield seen
+    unregister_toolkit("fake")
 
 
 def write_recipe(tmp_path: Path, paths: list[Path], extra: str = "") -> Path:
@@ -199,7 +201,7 @@ def test_dev_subset_first_or_seeded_sample(tmp_path, soup_inputs):
 
 
 def test_select_and_merge_commands_run_the_same_selection(tmp_path, fake_evaluator, soup_inputs, capsys):
-    from merge_core.cli import main
+    from merge_core.app.cli import main
 
     paths, _ = soup_inputs
     recipe = write_recipe(tmp_path, paths)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from merge_core import Recipe, iter_merged, open_inputs
-from merge_core.sparsify import ModelMagnitudeTrim, kept_count, magnitude_trim
+from merge_core.methods.sparsify import ModelMagnitudeTrim, kept_count, magnitude_trim
 from tests.merge_core.conftest import make_state, save_kind
 
 

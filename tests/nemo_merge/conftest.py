@@ -6,6 +6,12 @@
 - ``tiny_nemo_base``: a ``.nemo`` of the tiny FastConformer-CTC-BPE, freshly initialized.
 - ``tiny_nemo_experts``: two ``.nemo`` experts fine-tuned from the base by a real
   Lightning ``Trainer`` on the manifest, with different seeds and learning rates.
+- ``nemo_finetune_manifests``: the audio manifest under the two names NeMo's
+  fine-tuning script accepts.
+
+The pieces they are built from (the config, tokenizer, utterances, sentence generator
+and CPU trainer) live in :mod:`nemo_merge.testing`, which the benchmarks share; they are
+imported here so that test modules can keep importing them from this one.
 
 Fixtures needing NeMo skip when it is not installed (``pip install -e ".[nemo]"``),
 those needing audio when espeak-ng is not (``apt-get install espeak-ng sox``).
@@ -13,62 +19,26 @@ those needing audio when espeak-ng is not (``apt-get install espeak-ng sox``).
 
 from __future__ import annotations
 
-import json
-import random
 import shutil
 from pathlib import Path
 
 import pytest
 
-from merge_core.audio import synthesize
-
-REPO = Path(__file__).resolve().parents[2]
-TINY_CONFIG = REPO / "configs" / "nemo" / "fastconformer_ctc_bpe_tiny.yaml"
-TOKENIZER_VOCAB = 96
-# words per minute: slower than espeak-ng's 175 so that, after 8x subsampling, every
-# utterance has comfortably more encoder frames than BPE tokens, as CTC needs
-SPEED = 130
-
-# (text, espeak-ng voice): short, varied, lower case, as an English CTC model's targets
-UTTERANCES = [
-    ("the quick brown fox jumps over the dog", "en-us"),
-    ("please call the office before noon", "en-gb"),
-    ("merge the weights of two experts", "en-us"),
-    ("the river runs past the old mill", "en-gb"),
-    ("turn left at the next light", "en-us"),
-    ("she reads a short book every night", "en-gb"),
-    ("the weather is cold and wet today", "en-us"),
-    ("speech models forget what they knew", "en-gb"),
-]
+from nemo_merge.testing import (  # noqa: F401  (re-exported for the test modules)
+    SPEED,
+    TINY_CONFIG,
+    TOKENIZER_VOCAB,
+    UTTERANCES,
+    cpu_trainer,
+    english_sentences,
+    ensure_tokenizer,
+    save_nemo,
+    write_speech_manifest,
+)
 
 # (seed, learning rate) of each expert: different data order, dither and step size
 EXPERTS = [(1, 1e-3), (2, 3e-3)]
 EXPERT_STEPS = 2
-
-SUBJECTS = ["the doctor", "a pilot", "my neighbour", "the old farmer", "our teacher", "the children",
-            "a young engineer", "the driver", "his sister", "the singer", "every student", "the captain"]
-VERBS = ["found", "painted", "carried", "opened", "watched", "repaired", "sold", "described",
-         "forgot", "measured", "cleaned", "followed", "heard", "wrote about"]
-OBJECTS = ["a green bottle", "the broken window", "three heavy boxes", "the morning news",
-           "a quiet river", "the yellow train", "an empty chair", "the last letter", "a small garden",
-           "the long bridge", "two red apples", "the wooden door", "a strange noise", "the cold soup"]
-PLACES = ["near the station", "in the kitchen", "after lunch", "before the storm", "at the market",
-          "on the mountain", "during the meeting", "by the lake", "under the table", "in the evening",
-          "behind the school", "at the airport"]
-
-
-def english_sentences(count: int = 400, seed: int = 0) -> list[str]:
-    """``count`` varied lower-case sentences, the same for the same seed: subject, verb,
-    object and an optional place drawn from small word lists, plus the spoken utterances
-    themselves so every word the model hears is seen by the tokenizer."""
-    rng = random.Random(seed)
-    lines = [text for text, _ in UTTERANCES]
-    while len(lines) < count:
-        parts = [rng.choice(SUBJECTS), rng.choice(VERBS), rng.choice(OBJECTS)]
-        if rng.random() < 0.7:
-            parts.append(rng.choice(PLACES))
-        lines.append(" ".join(parts))
-    return lines
 
 
 @pytest.fixture(scope="session")
@@ -79,25 +49,14 @@ def nemo_audio_manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if shutil.which("espeak-ng") is None:
         pytest.skip("espeak-ng not installed (apt-get install espeak-ng sox)")
     root = tmp_path_factory.mktemp("nemo_data")
-    lines = []
-    for i, (text, voice) in enumerate(UTTERANCES):
-        wav = root / "audio" / f"utt{i}.wav"
-        duration = synthesize(text, wav, voice=voice, speed=SPEED)
-        audio_path = wav.relative_to(root) if i % 2 == 0 else wav
-        lines.append(json.dumps({"audio_filepath": str(audio_path), "duration": duration, "text": text}))
-    manifest = root / "manifest.json"
-    manifest.write_text("\n".join(lines) + "\n")
-    return manifest
+    return write_speech_manifest(root / "manifest.json", UTTERANCES, relative_even=True)
 
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Folder of a SentencePiece BPE tokenizer (at most 96 pieces) for ``tokenizer.dir``."""
     pytest.importorskip("nemo.collections.asr")
-    from nemo_merge.models import train_tokenizer
-
-    out = tmp_path_factory.mktemp("nemo_tokenizer")
-    return train_tokenizer(english_sentences(), out, vocab_size=TOKENIZER_VOCAB)
+    return ensure_tokenizer(tmp_path_factory.mktemp("nemo_tokenizer"))
 
 
 @pytest.fixture(scope="session")
@@ -106,9 +65,7 @@ def tiny_nemo_base(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_dir:
     from nemo_merge.models import build_model
 
     model = build_model(TINY_CONFIG, tiny_tokenizer_dir, seed=0)
-    path = tmp_path_factory.mktemp("nemo_base") / "base.nemo"
-    model.save_to(str(path))
-    return path
+    return save_nemo(model, tmp_path_factory.mktemp("nemo_base") / "base.nemo")
 
 
 @pytest.fixture(scope="session")
@@ -124,25 +81,6 @@ def tiny_nemo_experts(
         fine_tune(tiny_nemo_base, nemo_audio_manifest, path, seed=seed, lr=lr, work_dir=folder)
         paths.append(path)
     return paths
-
-
-def cpu_trainer(max_steps: int, root: Path, callbacks: list | None = None):
-    """A quiet single-CPU Lightning trainer for a few steps, without validation or logging."""
-    import lightning.pytorch as pl
-
-    return pl.Trainer(
-        max_steps=max_steps,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        default_root_dir=str(root),
-        callbacks=callbacks or [],
-    )
 
 
 def fine_tune(base: Path, manifest: Path, out: Path, seed: int, lr: float, work_dir: Path) -> None:

@@ -13,7 +13,7 @@ import yaml
 
 from merge_core.errors import ManifestError
 from merge_core.evaluation.runner import EvalConfig, run_evaluation
-from merge_core.manifests import read_nemo_manifest
+from merge_core.evaluation.manifests import read_nemo_manifest
 
 pytest.importorskip("nemo.collections.asr")
 from nemo_merge.evaluate import NemoBackend, evaluate  # noqa: E402
@@ -126,7 +126,7 @@ def test_hydra_evaluate_and_asr_merge_eval(tmp_path, tiny_nemo_base, test_sets):
         capture_output=True, text=True,
     )
     assert hydra.returncode == 0, hydra.stderr[-3000:]
-    from merge_core.cli import main
+    from merge_core.app.cli import main
 
     assert main(["eval", str(tmp_path / "eval.yaml"), f"output_dir={tmp_path / 'cli'}", "-q"]) == 0
     a = json.loads((tmp_path / "hydra" / "report.json").read_text())

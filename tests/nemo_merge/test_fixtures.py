@@ -13,8 +13,8 @@ import pytest
 import torch
 import yaml
 
-from merge_core.audio import synthesize
-from merge_core.manifests import read_nemo_manifest
+from merge_core.app.corpus.audio import synthesize
+from merge_core.evaluation.manifests import read_nemo_manifest
 
 from .conftest import EXPERT_STEPS, TINY_CONFIG, TOKENIZER_VOCAB, UTTERANCES
 

@@ -16,7 +16,7 @@ from nemo.collections.asr.models import ASRModel  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 from merge_core.errors import TrainingConfigError  # noqa: E402
-from merge_core.lmam import has_lmam, lmam_lambdas  # noqa: E402
+from merge_core.attention.lmam import has_lmam, lmam_lambdas  # noqa: E402
 from nemo_merge.callbacks import ExpertSetup, ExportExpert, TrajectorySnapshots  # noqa: E402
 from nemo_merge.lmam import apply_lmam_from_config, lmam_settings  # noqa: E402
 from tests.checkpoint_helpers import read_weights  # noqa: E402

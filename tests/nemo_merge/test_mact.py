@@ -36,7 +36,7 @@ def test_mact_trains_each_run_with_its_sample_and_averages_the_best(tmp_path, ti
     }
     path = tmp_path / "mact.yaml"
     path.write_text(yaml.safe_dump(recipe))
-    command = [sys.executable, "-m", "merge_core.cli", "mact", str(path), "-q"]
+    command = [sys.executable, "-m", "merge_core.app.cli", "mact", str(path), "-q"]
     done = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path)
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     runs = json.loads((tmp_path / "runs" / "runs.json").read_text())

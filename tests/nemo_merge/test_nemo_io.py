@@ -93,7 +93,7 @@ def test_merged_archive_is_the_base_with_new_weights_and_provenance(merged_nemo,
 def test_merged_nemo_restores_and_transcribes(merged_nemo, nemo_audio_manifest):
     from nemo.collections.asr.models import ASRModel
 
-    from merge_core.manifests import read_nemo_manifest
+    from merge_core.evaluation.manifests import read_nemo_manifest
 
     model = ASRModel.restore_from(str(merged_nemo), map_location="cpu").eval()
     audio = [str(u.audio) for u in read_nemo_manifest(nemo_audio_manifest)]

@@ -12,7 +12,7 @@ import torch
 
 from merge_core.checkpoint import open_checkpoint
 from tests.checkpoint_helpers import scaled_copy
-from merge_core.soup import load_soup_recipe, run_greedy_soup
+from merge_core.recipes.greedy_soup import load_soup_recipe, run_greedy_soup
 
 pytest.importorskip("nemo.collections.asr")
 
@@ -69,7 +69,7 @@ def test_harmful_rejected_neutral_not_kept_and_soup_written(tmp_path, nemo_audio
 
 
 def test_features_are_recomputed_when_a_trial_changes_the_preprocessor(tmp_path, nemo_audio_manifest):
-    from merge_core.soup import DevSet
+    from merge_core.recipes.greedy_soup import DevSet
     from nemo_merge.select import NemoDevEvaluator
 
     dev = DevSet(manifest=nemo_audio_manifest, log=tmp_path / "log.json", max_utterances=4, batch_size=4, device="cpu")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from merge_core.corpus import prepare_synthetic_corpus
+from merge_core.app.corpus import prepare_synthetic_corpus
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPTS = REPO / "recipes" / "pretrain_generalist"

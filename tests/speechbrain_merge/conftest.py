@@ -27,7 +27,7 @@ from typing import Any, Callable
 
 import pytest
 
-from merge_core.audio import synthesize
+from merge_core.app.corpus.audio import synthesize
 
 REPO = Path(__file__).resolve().parents[2]
 TRAIN_HPARAMS = REPO / "configs" / "speechbrain" / "tiny_ctc.yaml"

@@ -113,7 +113,7 @@ def test_asr_merge_cli_reads_and_writes_checkpoint_folders(tmp_path, sb_generali
         yaml.safe_dump({"method": "average", "models": [str(p) for p in sb_generalist.checkpoints], "output": str(out)})
     )
     done = subprocess.run(
-        [sys.executable, "-m", "merge_core.cli", "merge", str(recipe_file), "-q"],
+        [sys.executable, "-m", "merge_core.app.cli", "merge", str(recipe_file), "-q"],
         capture_output=True,
         text=True,
         cwd=REPO,

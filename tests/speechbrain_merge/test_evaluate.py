@@ -11,9 +11,9 @@ import pytest
 import yaml
 
 from merge_core import Recipe, merge
-from merge_core.cli import main as asr_merge
+from merge_core.app.cli import main as asr_merge
 from merge_core.errors import EvaluationError, ManifestError
-from merge_core.recipe import load_yaml_config
+from merge_core.recipes.merge import load_yaml_config
 from tests.speechbrain_merge.conftest import (
     CSV_COLUMNS,
     INFERENCE_HPARAMS,

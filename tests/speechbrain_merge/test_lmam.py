@@ -17,7 +17,7 @@ transformers = pytest.importorskip("transformers")
 from hyperpyyaml import load_hyperpyyaml  # noqa: E402
 from speechbrain.dataio.batch import PaddedBatch  # noqa: E402
 
-from merge_core.lmam import lmam_lambdas  # noqa: E402
+from merge_core.attention.lmam import lmam_lambdas  # noqa: E402
 from speechbrain_merge.recipes.train_ctc import csv_dataset, fit  # noqa: E402
 from speechbrain_merge.recipes.train_hubert_ctc import HubertCTCBrain  # noqa: E402
 from tests.merge_core.test_mam import HIDDEN, tiny_bert, tiny_hubert  # noqa: E402

@@ -14,7 +14,7 @@ import torch
 
 pytest.importorskip("speechbrain")
 
-from merge_core.mact import MactRecipe, run_mact  # noqa: E402
+from merge_core.recipes.mact import MactRecipe, run_mact  # noqa: E402
 from speechbrain_merge.mact import best_checkpoint  # noqa: E402
 
 from .conftest import TRAIN_HPARAMS  # noqa: E402

@@ -13,7 +13,7 @@ import yaml
 
 from merge_core.checkpoint import open_checkpoint
 from tests.checkpoint_helpers import scaled_copy
-from merge_core.soup import load_soup_recipe, run_greedy_soup
+from merge_core.recipes.greedy_soup import load_soup_recipe, run_greedy_soup
 from speechbrain_merge.checkpoint_io import META_FILE
 from tests.speechbrain_merge.conftest import INFERENCE_HPARAMS
 

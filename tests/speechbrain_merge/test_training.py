@@ -18,12 +18,8 @@ from merge_core.errors import TrainingConfigError
 from merge_core.training.lora import Conv1dLora, lora_folded
 from speechbrain_merge.brain import MergeableBrain
 from speechbrain_merge.recipes.train_ctc import CTCBrain, csv_dataset
-from speechbrain_merge.training import (
-    SlantedTriangularSchedule,
-    check_llrd_section,
-    layer_patterns,
-    stacked_llrd_param_groups,
-)
+from merge_core.training.llrd import LLRDSettings, llrd_param_groups
+from speechbrain_merge.training import SlantedTriangularSchedule
 
 from .conftest import checkpoints, write_tiny_whisper
 
@@ -33,8 +29,8 @@ DECAY, LR = 0.5, 1e-3
 STEPS = 2  # 8 utterances, batch 4, one epoch
 
 
-class RecordingBrain(MergeableBrain, CTCBrain):
-    """The recipe's Brain with the mixin, recording each group's rate after every step."""
+class RecordingBrain(CTCBrain):
+    """The recipe's Brain (a MergeableBrain), recording each group's rate after every step."""
 
     def on_fit_batch_end(self, batch, outputs, loss, should_step):
         super().on_fit_batch_end(batch, outputs, loss, should_step)
@@ -155,15 +151,15 @@ def test_snapshots_are_written_at_the_interval(lora_run):
     assert all(torch.equal(snapshot[f"model.{k}"], v) for k, v in exported.items())  # the last step is the export
 
 
-def test_one_stack_equals_merge_cores_llrd(lora_run):
-    from merge_core.training.llrd import llrd_param_groups
-
+def test_one_stack_as_a_mapping_equals_the_plain_pattern(lora_run):
     model = torch.nn.ModuleDict(
         {"enc": torch.nn.ModuleList([torch.nn.Linear(2, 2) for _ in range(3)]), "out": torch.nn.Linear(2, 1)}
     )
-    ours = stacked_llrd_param_groups(model, layer_patterns(r"^enc\.(\d+)\."), 0.7, 0.1)
+    ours = llrd_param_groups(model, {"": r"^enc\.(\d+)\."}, 0.7, 0.1)
     core = llrd_param_groups(model, r"^enc\.(\d+)\.", 0.7, 0.1)
     assert [(g["name"], g["lr"], g["params"]) for g in ours] == [(g["name"], g["lr"], g["params"]) for g in core]
+    expected = [("layer 0", 0.1 * 0.7**2), ("layer 1", 0.1 * 0.7), ("layer 2", 0.1), ("rest", 0.1 * 0.7**2)]
+    assert [(g["name"], pytest.approx(g["lr"])) for g in core] == expected
 
 
 def test_stlr_resumes_at_the_saved_step(tmp_path):
@@ -194,7 +190,7 @@ def test_stlr_resumes_at_the_saved_step(tmp_path):
 )
 def test_bad_llrd_sections_name_the_key(section, key):
     with pytest.raises(TrainingConfigError, match=key):
-        check_llrd_section(section)
+        LLRDSettings.from_mapping(section)
 
 
 def test_whisper_llrd_decays_encoder_and_decoder_from_their_own_tops(tmp_path):
@@ -263,3 +259,51 @@ def test_mast_averages_snapshots_into_a_ckpt_folder(lora_run, tmp_path):
     assert set(merged) == {k.removeprefix("model.") for k in first}
     assert all(torch.allclose(merged[k.removeprefix("model.")], (first[k] + last[k]) / 2, atol=1e-6) for k in first)
     assert (out / "normalizer.ckpt").read_bytes() == (expert / "normalizer.ckpt").read_bytes()
+
+
+class RateUsingBrain(CTCBrain):
+    """The recipe's Brain, recording each group's rate as each optimizer step is about to use it."""
+
+    def on_fit_batch_start(self, batch, should_step):
+        super().on_fit_batch_start(batch, should_step)
+        self.used.append([g["lr"] for g in self.optimizer.param_groups])
+
+
+def test_a_recipe_run_counts_stlr_steps_keeps_newbob_out_and_exports_the_model(tmp_path, sb_hparams, sb_generalist):
+    from merge_core.training.stlr import slanted_triangular
+
+    hparams = sb_hparams(tmp_path / "run", tokenizer_folder=str(sb_generalist.output_folder / "tokenizer"),
+                         number_of_epochs=2, lr=LR)
+    hparams.update(llrd={"decay": DECAY, "layer_pattern": LAYER},
+                   stlr=SlantedTriangularSchedule(cut_frac=0.5, ratio=4.0), export_path=str(tmp_path / "expert"))
+    brain = RateUsingBrain(modules=hparams["modules"], opt_class=hparams["opt_class"], hparams=hparams,
+                           run_opts={"device": "cpu", "noprogressbar": True}, checkpointer=hparams["checkpointer"])
+    brain.used, brain.tokenizer = [], hparams["tokenizer"].sp
+    brain.fit(hparams["epoch_counter"], csv_dataset(hparams["train_csv"], hparams, brain.tokenizer),
+              csv_dataset(hparams["valid_csv"], hparams, brain.tokenizer),
+              train_loader_kwargs={"batch_size": 4, "shuffle": False}, valid_loader_kwargs={"batch_size": 4})
+    steps = 2 * STEPS
+    assert hparams["stlr"].max_steps == steps  # counted from the loader and the epoch counter
+    peaks = [g["initial_lr"] for g in brain.optimizer.param_groups]
+    # every step, the second epoch's first included, uses STLR's rate: NewBob's validation-time
+    # update_learning_rate (one rate for every group) never reaches the optimizer
+    expected = [[pytest.approx(p * slanted_triangular(t, steps, 0.5, 4.0)) for p in peaks] for t in range(steps)]
+    assert brain.used == expected
+    expert = tmp_path / "expert" / "CKPT+expert"
+    assert sorted(p.name for p in expert.iterdir()) == ["CKPT.yaml", "model.ckpt", "normalizer.ckpt"]
+
+
+def test_fine_tuning_keys_that_would_be_ignored_are_errors(tmp_path, sb_hparams, sb_generalist):
+    import speechbrain as sb
+
+    from speechbrain_merge.brain import brain_from_hparams
+
+    class PlainBrain(sb.Brain):
+        """A recipe's Brain without the mixin."""
+
+    hparams = sb_hparams(tmp_path / "run", tokenizer_folder=str(sb_generalist.output_folder / "tokenizer"))
+    with pytest.raises(TrainingConfigError, match="hparams key 'llrd' is read by .*MergeableBrain, and PlainBrain"):
+        brain_from_hparams(PlainBrain, {**hparams, "llrd": {"decay": DECAY, "layer_pattern": LAYER}})
+    with pytest.raises(TrainingConfigError, match="hparams key 'lorra' is read by nothing; did you mean 'lora'"):
+        CTCBrain(modules=hparams["modules"], opt_class=hparams["opt_class"], hparams={**hparams, "lorra": {"r": 4}})
+    assert brain_from_hparams(PlainBrain, hparams).hparams.lr == hparams["lr"]  # without those keys, a plain Brain is fine

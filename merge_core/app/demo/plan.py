@@ -1,0 +1,177 @@
+"""The demo's plan: its sizes, one fine-tuning job, what a toolkit gives the demo, and
+where a run reads and writes (experts keyed by a hash of all that shapes them)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable
+
+from merge_core.app.corpus import DOMAINS
+from merge_core.app.corpus.domains import ORIGINAL
+from merge_core.app.corpus.librispeech import manifest_name
+from merge_core.checkpoint.provenance import file_sha256
+
+TARGETS = tuple(d.name for d in DOMAINS if d.name != ORIGINAL)
+FORGETTING_SETS = ("test_clean", "test_other")
+
+
+@dataclass(frozen=True)
+class DemoSize:
+    """How big a demo run is: the corpus size and each expert's fine-tuning."""
+
+    corpus: str
+    epochs: int
+    max_steps: int  # -1: as many as the epochs take (NeMo only: SpeechBrain counts epochs)
+    batch_size: int
+    lr: float  # the top encoder layer's peak rate (LLRD scales the others)
+    lora_lr: float
+    train_utterances: int | None = None  # the first N of each domain's training set (None: all)
+
+
+DEMO_SIZES = {
+    "smoke": DemoSize("smoke", epochs=1, max_steps=2, batch_size=4, lr=1e-3, lora_lr=3e-3),
+    "default": DemoSize("default", epochs=8, max_steps=-1, batch_size=16, lr=1e-3, lora_lr=3e-3),
+    "large": DemoSize("large", epochs=10, max_steps=-1, batch_size=32, lr=5e-4, lora_lr=2e-3),
+}
+
+
+@dataclass(frozen=True)
+class ExpertJob:
+    """A model fine-tuned on ``chain``'s domains, one after another.
+
+    It starts from the generalist, or from the merged model named ``start`` (iterative
+    AoDE's rounds, sequential editing's steps); ``hyper`` holds hyper-parameters sampled
+    for a MAcT run (:data:`merge_core.recipes.mact.RANGES`), whose best model on the domain's dev set is kept.
+    """
+
+    chain: tuple[str, ...]
+    lora: bool = False
+    start: str | None = None
+    hyper: tuple[tuple[str, float], ...] = ()
+    llrd: bool = True  # False: one learning rate for every layer (the AoDE paper's LLRD ablation)
+
+    @property
+    def name(self) -> str:
+        name = ("lora-" if self.lora else "ft-" if self.llrd else "flat-") + "-".join(self.chain)
+        if self.start:
+            name += "@" + slug(self.start)
+        if self.hyper:
+            name += "-mact-" + hashlib.sha256(json.dumps(self.hyper).encode()).hexdigest()[:6]
+        return name
+
+    @property
+    def parent(self) -> "ExpertJob | None":
+        """The job whose output this one starts from (``None``: the generalist or ``start``)."""
+        return replace(self, chain=self.chain[:-1]) if len(self.chain) > 1 else None
+
+    @property
+    def snapshots(self) -> bool:
+        """Single-domain experts snapshot their trajectory once per epoch (for MAST)."""
+        return len(self.chain) == 1 and self.llrd and not (self.lora or self.start or self.hyper)
+
+    @property
+    def keeps_best(self) -> bool:
+        """MAcT runs keep their best model on the dev set; the others their last."""
+        return bool(self.hyper)
+
+
+def slug(name: str) -> str:
+    """A row name as a file-name part: ``AoDE with orig r2`` -> ``AoDE_with_orig_r2``."""
+    return name.replace(" ", "_").replace(">", "-")
+
+
+@dataclass(frozen=True)
+class Scenarios:
+    """Which of the demo's scenarios a toolkit runs besides the AoDE paper's core (single-domain
+    fine-tunes, sequential fine-tuning, AoDE with and without the original, re-weighted
+    AoDE, TIES and task arithmetic)."""
+
+    lora: bool = True  # AoDE of LoRA experts
+    iterative: bool = True  # iterative AoDE's rounds
+    editing: bool = True  # sequential editing (Kulshreshtha et al.)
+    trajectories: bool = True  # MAST, MAcT, SMAcT (Ducorroy and Riad)
+    llrd_ablation: bool = False  # single-domain fine-tunes without LLRD
+
+
+ALL_SCENARIOS = Scenarios()
+# a real pretrained generalist: the AoDE paper's Whisper rows, and whether LLRD helps
+PRETRAINED_SCENARIOS = Scenarios(lora=False, iterative=False, editing=False, trajectories=False, llrd_ablation=True)
+
+
+@dataclass(frozen=True)
+class DemoToolkit:
+    """What a toolkit adapter gives the demo. Its functions are module-level, so that
+    expert processes can receive them."""
+
+    name: str  # "nemo" or "speechbrain": also the manifests' kind
+    generalist: Path | None  # the shipped generalist checkpoint (None: prepare_generalist writes one)
+    prefix: str  # of a checkpoint's file or folder name: "CKPT+" for SpeechBrain
+    suffix: str  # ".nemo"
+    # (plan, job, torch threads) -> checkpoint; also writes plan.snapshot_dir(job)'s
+    # snapshots once per epoch when it is not None, and applies job.hyper (MAcT)
+    train_expert: Callable[["DemoPlan", ExpertJob, int], Path]
+    evaluate: Callable[["DemoPlan", dict[str, Any]], tuple[dict[str, Any], dict[str, Path]]]  # config -> report, files
+    dev_options: Callable[["DemoPlan"], dict[str, Any]]  # a greedy soup's toolkit keys in its ``dev`` section
+    fingerprint: dict[str, Any]  # what else shapes an expert: fine-tuning config, LoRA settings
+    sizes: dict[str, DemoSize] = field(default_factory=lambda: DEMO_SIZES)
+    scenarios: Scenarios = ALL_SCENARIOS
+    # out folder -> the generalist checkpoint, written there when it is not shipped as one
+    prepare_generalist: Callable[[Path], Path] | None = None
+    label: str = ""  # of the default output folder, outputs/demo/<label or name>-<size>
+    # tensors every merge copies from its base_model: those no expert trains (a frozen encoder)
+    merge_exclude: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class DemoPlan:
+    """Where a run reads and writes, and what shapes its experts."""
+
+    toolkit: DemoToolkit
+    out: Path
+    corpus: Path
+    generalist: Path
+    size: DemoSize
+    seed: int
+    upweighted: str
+
+    def expert_path(self, job: ExpertJob) -> Path:
+        """``experts/<prefix><name>-<hash><suffix>``, the hash covering everything that shapes it."""
+        shape = {
+            "generalist": file_sha256(self.generalist) if self.generalist.is_file() else _folder_digest(self.generalist),
+            "chain": job.chain,
+            "lora": job.lora,
+            "llrd": job.llrd,
+            "start": job.start,
+            "hyper": job.hyper,
+            "snapshots": job.snapshots,
+            "size": asdict(self.size),
+            "seed": self.seed,
+            "toolkit": self.toolkit.fingerprint,
+        }
+        key = hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:12]
+        return self.out / "experts" / f"{self.toolkit.prefix}{job.name}-{key}{self.toolkit.suffix}"
+
+    def init_of(self, job: ExpertJob) -> Path:
+        if job.parent:
+            return self.expert_path(job.parent)
+        return self.merged_path(job.start) if job.start else self.generalist
+
+    def merged_path(self, name: str) -> Path:
+        """Where the merge named ``name`` is written."""
+        return self.out / "merged" / f"{self.toolkit.prefix}{slug(name)}{self.toolkit.suffix}"
+
+    def snapshot_dir(self, job: ExpertJob) -> Path | None:
+        """Where a single-domain expert's per-epoch snapshots go (for MAST); None for other jobs."""
+        return self.out / "snapshots" / self.expert_path(job).name if job.snapshots else None
+
+    def manifest(self, domain: str, split: str) -> Path:
+        return self.out / "manifests" / self.toolkit.name / domain / manifest_name(split, self.toolkit.name)
+
+
+def _folder_digest(folder: Path) -> str:
+    """A checkpoint folder's files, by name and content."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    return hashlib.sha256(json.dumps([(str(p.relative_to(folder)), file_sha256(p)) for p in files]).encode()).hexdigest()

