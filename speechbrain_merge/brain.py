@@ -9,7 +9,8 @@ A recipe opts in by changing one class name, ``class ASR(sb.Brain)`` to
     the top (:mod:`speechbrain_merge.training`).
 ``stlr``
     A :class:`~speechbrain_merge.training.SlantedTriangularSchedule` (``!new:``),
-    stepped after every optimizer step and checkpointed as ``stlr``.
+    stepped after every optimizer step and checkpointed as ``stlr``; without
+    ``max_steps`` it spans the run's optimizer steps, counted when ``fit`` starts.
 ``lora``
     ``{r, alpha, dropout, target_modules}`` (:class:`merge_core.training.lora.LoraSettings`),
     module names relative to ``self.modules``; applied when fitting starts, after
@@ -29,6 +30,11 @@ A recipe opts in by changing one class name, ``class ASR(sb.Brain)`` to
 ``snapshot_every_n_steps``, ``snapshot_dir``
     Weights-only ``step-XXXXXXXX.safetensors`` snapshots (LoRA and L-MAM folded) for MAST:
     the checkpointer's state-dict recoverables, named as in a ``CKPT+`` folder.
+
+A key of these on a Brain without the mixin, or one a typo away from them (``lorra``), is
+an error naming it (:func:`check_hparams_keys`), not silence. With ``llrd`` or ``stlr``
+the Brain owns the learning rates (:attr:`MergeableBrain.owns_learning_rate`): a recipe's
+own annealing, such as NewBob's ``update_learning_rate``, must stay out.
 """
 
 from __future__ import annotations

@@ -53,7 +53,7 @@ from merge_core.evaluation.cache import canonical_json
 from merge_core.evaluation.runner import Backend, EvalConfig, ModelSpec, run_evaluation
 from merge_core.evaluation.manifests import Utterance, read_speechbrain_csv
 from merge_core.checkpoint.provenance import file_sha256
-from merge_core.recipes.merge import load_yaml_config
+from merge_core.recipes.config import load_yaml_config
 from speechbrain_merge.arguments import parse_arguments
 from speechbrain_merge.checkpoint_io import PARAM_SUFFIX, not_a_checkpoint_reason, tensor_state_dict
 from speechbrain_merge.whisper import EncoderStates, encode_audio

@@ -24,6 +24,10 @@ does the rest the same way for both toolkits. The config (YAML or Hydra):
 from __future__ import annotations
 
 import abc
+import contextlib
+import shutil
+import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -31,6 +35,7 @@ from typing import Any, Mapping
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
+from merge_core.atomic import write_atomically
 from merge_core.errors import EvaluationError
 from merge_core.evaluation.cache import EvalCache, manifest_digest
 from merge_core.evaluation.report import DEFAULT_FORGETTING_SETS, build_report, render_markdown, write_report
@@ -162,38 +167,54 @@ def load_sets(backend: Backend, config: EvalConfig) -> dict[str, list[Utterance]
     return sets
 
 
-def evaluate_models(backend: Backend, config: EvalConfig, progress: bool = True) -> dict[str, Any]:
-    """Transcribe every (model, set) pair not already cached, score it, and build the report;
-    the toolkit's log, prints and warnings meanwhile go to ``<output_dir>/eval.log``."""
+def evaluate_models(
+    backend: Backend, config: EvalConfig, progress: bool = True, toolkit_log: Path | None = None
+) -> dict[str, Any]:
+    """Transcribe every (model, set) pair not already cached, score it, and build the report.
+    With ``toolkit_log``, what the toolkit prints, logs and warns while it restores and
+    decodes goes to that file (appended) instead of the terminal."""
     sets = load_sets(backend, config)
     cache = EvalCache(config.cache_dir) if config.cache else None
     decoding = {**backend.decoding_settings(config), "max_utterances": config.max_utterances}
     digests = {name: manifest_digest(path) for name, path in config.manifests.items()}
     results: dict[str, dict[str, WerStats]] = {}
-    # the bar keeps the terminal; the toolkit's own output goes to the log
     pairs = tqdm(total=len(config.models) * len(sets), desc="evaluate", unit="set", disable=not progress)
-    with toolkit_output_to(Path(config.output_dir) / LOG_NAME):
-        for spec in config.models:
-            weights = backend.weights_digest(spec)
-            results[spec.name] = {}
-            for set_name, utterances in sets.items():
-                key = (weights, digests[set_name], decoding)
-                cached = cache.get(key) if cache else None
-                hypotheses = cached["hypotheses"] if cached else backend.transcribe(spec, utterances, config)
-                if cache and not cached:
-                    cache.put(key, {"hypotheses": hypotheses, "model": spec.name, "set": set_name})
-                references = [u.text for u in utterances]
-                results[spec.name][set_name] = score(references, hypotheses, config.normalization, name=set_name)
-                pairs.update()
-            backend.release(spec)
+    for spec in config.models:
+        weights = backend.weights_digest(spec)
+        results[spec.name] = {}
+        for set_name, utterances in sets.items():
+            key = (weights, digests[set_name], decoding)
+            cached = cache.get(key) if cache else None
+            if cached:
+                hypotheses = cached["hypotheses"]
+            else:
+                with toolkit_output_to(toolkit_log) if toolkit_log else contextlib.nullcontext():
+                    hypotheses = backend.transcribe(spec, utterances, config)
+            if cache and not cached:
+                cache.put(key, {"hypotheses": hypotheses, "model": spec.name, "set": set_name})
+            references = [u.text for u in utterances]
+            results[spec.name][set_name] = score(references, hypotheses, config.normalization, name=set_name)
+            pairs.update()
+        backend.release(spec)
     pairs.close()
     return build_report(results, config.reference_model, config.forgetting_sets)
 
 
 def run_evaluation(backend: Backend, config: EvalConfig, progress: bool = True) -> tuple[dict[str, Any], dict[str, Path]]:
     """Evaluate, write report.json / report.md / report.png, print the table. The
-    toolkit's log and warnings go to ``<output_dir>/eval.log``, not the terminal."""
-    report = evaluate_models(backend, config, progress)
-    files = write_report(report, config.output_dir)
+    toolkit's own output goes to ``<output_dir>/eval.log``, published with the report; if
+    the evaluation fails, nothing is written and that output is shown on stderr instead."""
+    with tempfile.TemporaryDirectory(prefix="asr-merge-eval-") as work:
+        log = Path(work) / LOG_NAME
+        try:
+            report = evaluate_models(backend, config, progress, toolkit_log=log)
+        except BaseException:
+            if log.is_file():
+                sys.stderr.write(log.read_text(encoding="utf-8", errors="replace"))
+            raise
+        files = write_report(report, config.output_dir)
+        if log.is_file():
+            files["log"] = Path(config.output_dir) / LOG_NAME
+            write_atomically(files["log"], lambda tmp: shutil.copyfile(log, tmp))
     print(render_markdown(report))
     return report, files

@@ -22,7 +22,7 @@ from typing import Any, Mapping, Protocol, Sequence
 from omegaconf import DictConfig, OmegaConf
 
 from merge_core.errors import RecipeError
-from merge_core.recipes.config import load_yaml_config
+from merge_core.recipes.config import apply_overrides, load_yaml_config
 from merge_core.registry import get_recipe_kind
 
 Source = str | Path | Mapping[str, Any] | DictConfig
@@ -46,8 +46,6 @@ def load_recipe_config(source: Source, overrides: Sequence[str] = ()) -> DictCon
     if isinstance(source, (str, Path)):
         return load_yaml_config(source, overrides)
     config = source if isinstance(source, DictConfig) else OmegaConf.create(dict(source))
-    from merge_core.recipes.config import apply_overrides
-
     return apply_overrides(config, overrides)
 
 

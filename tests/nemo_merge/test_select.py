@@ -82,3 +82,23 @@ def test_features_are_recomputed_when_a_trial_changes_the_preprocessor(tmp_path,
         evaluator({**state, fb: torch.flip(state[fb], dims=[1])})  # mel bands reversed: other features
         assert not torch.equal(evaluator.features[0][0], cached[0][0])
         assert evaluator(state) == wer and torch.equal(evaluator.features[0][0], cached[0][0])
+
+
+def test_nemos_hydra_merge_script_runs_a_greedy_soup_too(tmp_path, nemo_audio_manifest):
+    """The toolkit-style script comes through the same front door as ``asr-merge merge``."""
+    import subprocess
+    import sys
+
+    copy = shutil.copyfile(GENERALIST, tmp_path / "copy.nemo")
+    (tmp_path / "my_soup.yaml").write_text(
+        "method: greedy_soup\n"
+        f"models: [{GENERALIST}, {copy}]\n"
+        f"dev: {{manifest: {nemo_audio_manifest}, max_utterances: 4, batch_size: 4, device: cpu}}\n"
+        f"output: {tmp_path / 'soup.nemo'}\n"
+    )
+    done = subprocess.run([sys.executable, "-m", "nemo_merge.merge", f"--config-path={tmp_path}", "--config-name=my_soup",
+                           "+hash_inputs=false"], capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "greedy soup of 1 of 2 candidates" in done.stdout + done.stderr
+    trials = json.loads((tmp_path / "soup.nemo.trials.json").read_text())["trials"]
+    assert [t["kept"] for t in trials] == [True, False]  # the copy ties: not a strict drop

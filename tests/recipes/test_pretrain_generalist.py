@@ -65,3 +65,18 @@ def test_speechbrain_generalist_is_a_checkpoint_folder_with_its_architecture(smo
     assert sum(t.numel() for t in state.values()) == summary["parameters"]
     assert json.loads((out / "generalist.json").read_text())["hparams"]["vocab_size"] == 40
     assert [p.name for p in (out / "tokenizer").glob("*.model")] == ["40_unigram.model"]
+
+
+@pytest.mark.parametrize("config", ["finetune_generalist.yaml", "generalist_inference.yaml"])
+def test_the_shipped_generalists_configs_have_its_architecture_and_tokenizer(config):
+    """The SpeechBrain configs users start from hold generalist.json's architecture keys
+    and point at its tokenizer and checkpoint, so they build the network its weights fit."""
+    import re
+
+    folder = REPO / "models" / "speechbrain_generalist"
+    architecture = json.loads((folder / "generalist.json").read_text())["hparams"]
+    text = (REPO / "configs" / "speechbrain" / config).read_text()
+    values = {key: re.search(rf"^{key}: *(\S+)", text, flags=re.M).group(1) for key in architecture}
+    assert values == {key: str(value) for key, value in architecture.items()}
+    paths = re.findall(r"^(?:tokenizer_folder|tokenizer_file|init_from): *(\S+)", text, flags=re.M)
+    assert paths and all((REPO / p).exists() for p in paths)

@@ -13,7 +13,7 @@ import yaml
 from merge_core import Recipe, merge
 from merge_core.app.cli import main as asr_merge
 from merge_core.errors import EvaluationError, ManifestError
-from merge_core.recipes.merge import load_yaml_config
+from merge_core.recipes.config import load_yaml_config
 from tests.speechbrain_merge.conftest import (
     CSV_COLUMNS,
     INFERENCE_HPARAMS,
@@ -145,7 +145,7 @@ def test_speechbrain_style_script_writes_the_report_files(tmp_path, sb_data, sb_
     config.write_text(yaml.safe_dump(eval_config(sb_data, sb_generalist, models, tmp_path, toolkit="speechbrain")))
     out = tmp_path / "cli_report"
     assert evaluate_main([str(config), f"--output_dir={out}", "--max_utterances=2", "--cache=false"]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["report.json", "report.md", "report.png"]
+    assert sorted(p.name for p in out.iterdir()) == ["eval.log", "report.json", "report.md", "report.png"]
     written = json.loads((out / "report.json").read_text())
     assert stats(written, "ties", "test_other")["utterances"] == 2
     assert "| ties |" in (out / "report.md").read_text()
@@ -205,5 +205,5 @@ def test_hparams_that_do_not_fit_the_checkpoint_are_refused(tmp_path, sb_data, s
 def test_example_config_is_valid(monkeypatch):
     monkeypatch.chdir(REPO)  # its paths are relative to the repository, as the README runs it
     options, config = split_config(load_yaml_config("configs/speechbrain/eval.yaml"))
-    assert options.hparams == REPO / "configs" / "speechbrain" / "tiny_ctc_inference.yaml"
-    assert config.toolkit == "speechbrain" and [m.name for m in config.models] == ["generalist", "aode"]
+    assert options.hparams == REPO / "configs" / "speechbrain" / "generalist_inference.yaml"
+    assert config.toolkit == "speechbrain" and [m.name for m in config.models] == ["generalist", "FT accented", "FT noisy", "AoDE", "TIES"]

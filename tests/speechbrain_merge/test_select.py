@@ -82,3 +82,21 @@ def test_harmful_rejected_neutral_not_kept_and_soup_written(tmp_path, sb_data):
         "output_dir": str(tmp_path / "eval"),
     }, progress=False)
     assert report["models"][0]["wer"]["dev"] == pytest.approx(100 * generalist_wer)
+
+
+def test_speechbrains_merge_script_runs_a_greedy_soup_too(tmp_path, sb_data):
+    """The toolkit-style script comes through the same front door as ``asr-merge merge``."""
+    from speechbrain_merge.merge import main
+
+    copy = shutil.copytree(GENERALIST, tmp_path / "CKPT+copy")
+    recipe = {
+        "method": "greedy_soup",
+        "models": [str(GENERALIST), str(copy)],
+        "dev": {"manifest": str(sb_data.test_clean_csv), "max_utterances": 4, **dev_options(sb_data)},
+        "output": str(tmp_path / "CKPT+soup"),
+    }
+    (tmp_path / "soup.yaml").write_text(yaml.safe_dump(recipe))
+    assert main([str(tmp_path / "soup.yaml"), "--hash_inputs=false"]) == 0
+    trials = json.loads((tmp_path / "CKPT+soup.trials.json").read_text())["trials"]
+    assert [t["kept"] for t in trials] == [True, False]  # the copy ties: not a strict drop
+    assert (tmp_path / "CKPT+soup" / META_FILE).is_file()
