@@ -59,6 +59,7 @@ from benchmarks.measure import (
 from benchmarks.synthetic import BASE_SCALE, DELTA_SCALE
 from benchmarks.synthetic import child_ours as merge_recipe
 from benchmarks.tables import print_report, ratio_table, variant_table
+from merge_core.atomic import publish
 
 MODULE = __spec__.name  # every variant's child: python -m MODULE --run SPEC
 FORMAT_VERSION = 1  # bump when the built checkpoints change, to invalidate cached inputs
@@ -161,7 +162,7 @@ def write_checkpoint(folder: Path, model: dict[str, Any], epoch: int, g: Any) ->
     for name, text in OTHER_FILES.items():
         (tmp / name).write_text(text.format(epoch=epoch, steps=1000 * epoch))
     write_meta(tmp / "CKPT.yaml", {"unixtime": 1.7e9 + epoch, "end-of-epoch": True, "WER": 10.0 - epoch})
-    tmp.rename(folder)
+    publish(tmp, folder)
 
 
 def build_inputs(folders: list[Path], layers: int) -> None:

@@ -13,13 +13,13 @@ its inputs, whatever their kind: :func:`merge_core.merge` of a recipe.
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from benchmarks.measure import MB, timed
+from merge_core.atomic import write_atomically
 
 FORMAT_VERSION = 1  # bump when the synthetic model changes, to invalidate cached inputs
 
@@ -161,9 +161,7 @@ def build_expert(base: dict[str, Any], index: int) -> dict[str, Any]:
 def save_atomic(tensors: dict[str, Any], path: Path) -> None:
     from safetensors.torch import save_file
 
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp))
-    os.replace(tmp, path)
+    write_atomically(path, lambda tmp: save_file(tensors, str(tmp)))
 
 
 @dataclass(frozen=True)

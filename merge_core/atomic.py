@@ -39,11 +39,12 @@ def discard(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def write_atomically(dest: Path, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp)`` on a hidden sibling of ``dest``, then publish it onto ``dest``;
-    on any error the sibling is removed and ``dest`` is left as it was."""
+def write_atomically(dest: Path, write: Callable[[Path], None], suffix: str = "") -> None:
+    """Call ``write(tmp)`` on a hidden sibling of ``dest`` (ending in ``suffix``, for writers
+    that insist on one), then publish it onto ``dest``; on any error the sibling (a file or
+    a folder) is removed and ``dest`` is left as it was."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path(dest)
+    tmp = temp_path(dest, suffix)
     try:
         write(tmp)
         publish(tmp, dest)

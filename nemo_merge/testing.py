@@ -15,12 +15,12 @@ place, so an interrupted build leaves nothing a later run would take for finishe
 from __future__ import annotations
 
 import json
-import os
 import random
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from merge_core.atomic import write_atomically, write_text_atomically
 
 #: The tiny FastConformer-CTC-BPE config, in the source tree beside this package.
 TINY_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "nemo" / "fastconformer_ctc_bpe_tiny.yaml"
@@ -114,11 +114,7 @@ def ensure_tokenizer(folder: Path) -> Path:
 
     final = folder / "tokenizer"
     if not (final / "tokenizer.model").is_file():
-        partial = folder / "tokenizer.partial"
-        shutil.rmtree(partial, ignore_errors=True)
-        train_tokenizer(english_sentences(), partial, vocab_size=TOKENIZER_VOCAB)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(partial, final)
+        write_atomically(final, lambda tmp: train_tokenizer(english_sentences(), tmp, vocab_size=TOKENIZER_VOCAB))
     return final
 
 
@@ -137,9 +133,7 @@ def save_nemo(model: Any, path: Path) -> Path:
     Path
         ``path``.
     """
-    partial = path.with_name(path.stem + ".partial.nemo")  # NeMo wants a .nemo suffix
-    model.save_to(str(partial))
-    os.replace(partial, path)
+    write_atomically(path, lambda tmp: model.save_to(str(tmp)), suffix=".nemo")  # NeMo wants the suffix
     return path
 
 
@@ -174,9 +168,7 @@ def write_speech_manifest(
         duration = synthesize(text, wav, voice=voice, speed=SPEED)
         audio_path = wav.relative_to(root) if relative_even and i % 2 == 0 else wav
         lines.append(json.dumps({"audio_filepath": str(audio_path), "duration": duration, "text": text}))
-    partial = manifest.with_name(manifest.name + ".partial")
-    partial.write_text("\n".join(lines) + "\n")
-    os.replace(partial, manifest)
+    write_text_atomically(manifest, "\n".join(lines) + "\n")
     return manifest
 
 

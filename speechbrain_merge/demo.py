@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from merge_core.app.demo import DemoPlan, DemoToolkit, ExpertJob
+from merge_core.atomic import publish
 from speechbrain_merge.evaluate import evaluate
 from speechbrain_merge.recipes.train_ctc import CTCBrain, csv_dataset
 
@@ -131,7 +132,7 @@ def publish_export(export_dir: Path, dest: Path) -> Path:
     """The run's exported ``CKPT+`` folder renamed to ``dest`` (so a folder that exists is whole)."""
     exported = max(export_dir.glob("CKPT+*"), key=os.path.getmtime)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    os.rename(exported, dest)
+    publish(exported, dest)
     return dest
 
 

@@ -102,7 +102,7 @@ def write_generalist(whisper_hub: str | Path, dest: Path, save_path: Path | None
         saved = Checkpointer(work / "save", recoverables={CHECKPOINT_NAME: whisper}).save_checkpoint(
             name=dest.name.removeprefix("CKPT+"), verbosity=0
         )
-        os.rename(saved.path, dest)
+        publish(Path(saved.path), dest)
     finally:
         discard(work)
     return dest

@@ -205,7 +205,7 @@ class _StreamingFile:
             dst.write(_encoded_header(header))
             src.seek(8 + self.header_size)
             shutil.copyfileobj(src, dst, 16 << 20)
-        bigger.replace(self.path)
+        publish(bigger, self.path)
 
     def close(self) -> None:
         if not self._f.closed:
