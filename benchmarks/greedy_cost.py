@@ -40,19 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks.measure import (
-    ChildFn,
-    Quiet,
-    Result,
-    add_quiet_options,
-    add_workdir_option,
-    bench_parser,
-    child_main,
-    gib,
-    machine_summary,
-    run_quietly,
-    timed,
-)
+from benchmarks import measure
 from benchmarks.tables import Column, render_table
 
 MODULE = __spec__.name  # every variant's child: python -m MODULE --run SPEC
@@ -147,7 +135,7 @@ def child_smact(spec: dict[str, Any]) -> dict[str, Any]:
                 parts.append({"merge": merged - start, "decode": seconds[-1] - (merged - start)})
             return {"trial_s": seconds, "wers": wers, "parts": parts}
 
-        return timed(trials)
+        return measure.timed(trials)
 
 
 def child_naive(spec: dict[str, Any]) -> dict[str, Any]:
@@ -188,10 +176,10 @@ def child_naive(spec: dict[str, Any]) -> dict[str, Any]:
             parts.append(part)
         return {"trial_s": seconds, "wers": wers, "parts": parts}
 
-    return timed(trials)
+    return measure.timed(trials)
 
 
-CHILDREN: dict[str, ChildFn] = {"smact": child_smact, "naive": child_naive}
+CHILDREN: dict[str, measure.ChildFn] = {"smact": child_smact, "naive": child_naive}
 
 
 # ------------------------------------------------------------------------ report
@@ -199,7 +187,7 @@ CHILDREN: dict[str, ChildFn] = {"smact": child_smact, "naive": child_naive}
 
 @dataclass(frozen=True)
 class Row:
-    result: Result
+    result: measure.Result
 
     @property
     def seconds(self) -> list[float]:
@@ -212,7 +200,7 @@ class Row:
         return [
             r.variant, str(len(self.seconds)), f"{statistics.median(self.seconds):.3f}", f"{min(self.seconds):.3f}",
             *(f"{v:.3f}" for v in parts.values()),
-            f"{gib(r.peak_rss_kib):.2f}", f"{gib(r.peak_anon_kib):.2f}", f"{r.other_cores:.2f}", wers,
+            f"{measure.gib(r.peak_rss_kib):.2f}", f"{measure.gib(r.peak_anon_kib):.2f}", f"{r.other_cores:.2f}", wers,
         ]
 
 
@@ -224,28 +212,28 @@ COLUMNS = [
 
 
 def main() -> None:
-    parser = bench_parser(MODULE, __doc__)
+    parser = measure.bench_parser(MODULE, __doc__)
     parser.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS, help="synthetic corpus (built there when missing)")
     parser.add_argument("--utterances", type=int, default=80, help="dev-clean utterances each trial decodes")
     parser.add_argument("--candidates", type=int, default=3, help="perturbed copies of the generalist: one trial each")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of both variants")
-    add_workdir_option(parser, default=None, about="inputs and outputs go here (default: a new temporary folder)")
-    add_quiet_options(parser, wait_s=5.0, retries=0)
+    measure.add_workdir_option(parser, default=None, about="inputs and outputs go here (default: a new temporary folder)")
+    measure.add_quiet_options(parser, wait_s=5.0, retries=0)
     args = parser.parse_args()
     if args.run:
-        child_main(args.run, CHILDREN)
+        measure.child_main(args.run, CHILDREN)
         return
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="greedy-cost-"))
     workdir.mkdir(parents=True, exist_ok=True)
     manifest, candidates = ensure_inputs(workdir, args.corpus, args.candidates)
     spec = {"manifest": str(manifest), "candidates": [str(c) for c in candidates], "utterances": args.utterances,
             "threads": args.threads, "workdir": str(workdir)}
-    quiet, log = Quiet(args.quiet_wait, args.retries), workdir / "children.log"
-    rows = [Row(run_quietly(MODULE, kind, {**spec, "kind": kind}, quiet, log=log)) for kind in ("smact", "naive")]
+    quiet, log = measure.Quiet(args.quiet_wait, args.retries), workdir / "children.log"
+    rows = [Row(measure.run_quietly(MODULE, kind, {**spec, "kind": kind}, quiet, log=log)) for kind in ("smact", "naive")]
     from merge_core.evaluation.manifests import read_nemo_manifest
 
     used = len(read_nemo_manifest(manifest)[: args.utterances])
-    print(f"{machine_summary()}; {args.threads} torch thread(s); {used} dev-clean utterances; "
+    print(f"{measure.machine_summary()}; {args.threads} torch thread(s); {used} dev-clean utterances; "
           f"shipped NeMo generalist + {args.candidates} perturbed copies; one trial = average of 2 models")
     print("\n".join(render_table(COLUMNS, [r.cells() for r in rows])))
     smact, naive = rows

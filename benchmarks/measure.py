@@ -173,6 +173,11 @@ class Quiet:
     wait_s: float  # before a run, wait up to this long for the CPUs to go idle
     retries: int  # rerun a run during which others used more than QUIET_CORES, this many times
 
+    def describe(self) -> str:
+        """The report's words for these settings."""
+        return (f"each run first waits up to {self.wait_s:g} s for them to use < {QUIET_CORES}, "
+                f"and is redone up to {self.retries} times if they used more")
+
 
 def log_tail(log: Path, lines: int = 20) -> str:
     return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
@@ -290,6 +295,13 @@ def child_main(raw: str, children: Mapping[str, ChildFn]) -> None:
 
 # ------------------------------------------------------------------------ options
 
+
+
+def ran_as_child(args: Any, children: Mapping[str, ChildFn]) -> bool:
+    """When this process is a measured child (``--run SPEC``), run that variant and say so."""
+    if args.run:
+        child_main(args.run, children)
+    return bool(args.run)
 
 def bench_parser(module: str, doc: str) -> argparse.ArgumentParser:
     """The parser of benchmark ``module``, described by the first paragraph of its

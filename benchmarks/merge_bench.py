@@ -63,24 +63,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks.measure import (
-    CHUNK,
-    GIB,
-    MB,
-    QUIET_CORES,
-    ChildFn,
-    Quiet,
-    Result,
-    add_quiet_options,
-    add_workdir_option,
-    bench_parser,
-    child_main,
-    gib,
-    read_all,
-    run_quietly,
-    timed,
-    warm_page_cache,
-)
+from benchmarks import measure
 from benchmarks.synthetic import (
     D_MODEL,
     Inputs,
@@ -121,13 +104,13 @@ def write_bytes(path: Path, size: int, buf: bytearray) -> None:
 
 
 def child_floor(spec: dict[str, Any]) -> dict[str, Any]:
-    buf = bytearray(CHUNK)
+    buf = bytearray(measure.CHUNK)
 
     def work() -> None:
-        read_all([Path(p) for p in spec["inputs"]], buf)
+        measure.read_all([Path(p) for p in spec["inputs"]], buf)
         write_bytes(Path(spec["output"]), spec["output_bytes"], buf)
 
-    return timed(work)
+    return measure.timed(work)
 
 
 def naive_model_trim(
@@ -188,10 +171,10 @@ def child_naive(spec: dict[str, Any]) -> dict[str, Any]:
 
     import merge_core.methods  # noqa: F401  (imports before the idle reading)
 
-    return timed(lambda: naive_merge(spec))
+    return measure.timed(lambda: naive_merge(spec))
 
 
-CHILDREN: dict[str, ChildFn] = {
+CHILDREN: dict[str, measure.ChildFn] = {
     "floor": child_floor,
     "naive": child_naive,
     "ours": child_ours,  # benchmarks.synthetic's
@@ -229,7 +212,7 @@ class Plan:
     inputs: Inputs
     outdir: Path
     keep: bool
-    quiet: Quiet
+    quiet: measure.Quiet
     model_bytes: int
     largest_bytes: int
 
@@ -250,7 +233,7 @@ def discard(path: Path, keep: bool) -> None:
         path.unlink(missing_ok=True)
 
 
-def run_floor(plan: Plan) -> Result:
+def run_floor(plan: Plan) -> measure.Result:
     output = plan.outdir / "floor.bin"
     spec = {
         "kind": "floor",
@@ -260,29 +243,29 @@ def run_floor(plan: Plan) -> Result:
     }
     runs = []
     for _ in range(FLOOR_RUNS):
-        runs.append(run_quietly(MODULE, "floor (read all, write 1)", spec, plan.quiet))
+        runs.append(measure.run_quietly(MODULE, "floor (read all, write 1)", spec, plan.quiet))
         output.unlink(missing_ok=True)
     return min(runs, key=lambda r: r.wall_s)
 
 
-def run_method(plan: Plan, key: str, caches: Path) -> list[Result]:
+def run_method(plan: Plan, key: str, caches: Path) -> list[measure.Result]:
     """naive, ours (cold digest cache), ours without input hashing, ours (warm cache,
     average only); outputs compared."""
     naive_out, ours_out = plan.outdir / f"naive-{key}.safetensors", plan.outdir / f"ours-{key}.safetensors"
     naive_spec = {**common_spec(plan, "naive", key), "output": str(naive_out)}
-    naive = run_quietly(MODULE, f"naive {key}", naive_spec, plan.quiet)
+    naive = measure.run_quietly(MODULE, f"naive {key}", naive_spec, plan.quiet)
     cache = Path(tempfile.mkdtemp(prefix=f"cache-{key}-", dir=caches))
     ours_spec = {**common_spec(plan, "ours", key), "output": str(ours_out)}
-    ours = run_quietly(MODULE, f"ours {key}", ours_spec, plan.quiet, env={"ASR_MERGE_CACHE": str(cache)})
+    ours = measure.run_quietly(MODULE, f"ours {key}", ours_spec, plan.quiet, env={"ASR_MERGE_CACHE": str(cache)})
     ours.extra["max_abs_diff"], ours.extra["differing"] = compare_outputs(ours_out, naive_out)
     discard(naive_out, plan.keep)
     ours_out.unlink(missing_ok=True)
-    unhashed = run_quietly(MODULE, f"ours {key}, no hash", {**ours_spec, "hash_inputs": False}, plan.quiet)
+    unhashed = measure.run_quietly(MODULE, f"ours {key}, no hash", {**ours_spec, "hash_inputs": False}, plan.quiet)
     results = [naive, ours, unhashed]
     if key == "average":
         ours_out.unlink(missing_ok=True)
         warm_env = {"ASR_MERGE_CACHE": str(cache)}
-        warm = run_quietly(MODULE, f"ours {key}, warm cache", ours_spec, plan.quiet, env=warm_env)
+        warm = measure.run_quietly(MODULE, f"ours {key}, warm cache", ours_spec, plan.quiet, env=warm_env)
         results.append(warm)
     discard(ours_out, plan.keep)
     return results
@@ -305,7 +288,7 @@ TABLE = [
 ]
 
 
-def table(results: list[Result], floor: Result) -> list[str]:
+def table(results: list[measure.Result], floor: measure.Result) -> list[str]:
     naive_anon = {r.variant.split()[1]: r.peak_anon_kib for r in results if r.variant.startswith("naive")}
     rows = []
     for r in [floor, *results]:
@@ -318,9 +301,9 @@ def table(results: list[Result], floor: Result) -> list[str]:
                 r.variant,
                 f"{r.wall_s:.2f}",
                 f"{r.cpu_s:.2f}",
-                f"{gib(r.peak_rss_kib):.3f}",
-                f"{gib(r.peak_anon_kib):.3f}",
-                f"{gib(r.idle_anon_kib):.3f}",
+                f"{measure.gib(r.peak_rss_kib):.3f}",
+                f"{measure.gib(r.peak_anon_kib):.3f}",
+                f"{measure.gib(r.idle_anon_kib):.3f}",
                 f"{r.wall_s / floor.wall_s:.2f}",
                 ratio,
                 f"{r.other_cores:.2f}",
@@ -330,13 +313,13 @@ def table(results: list[Result], floor: Result) -> list[str]:
     return render_table(TABLE, rows)
 
 
-def targets(results: list[Result], floor: Result, plan: Plan, experts: int) -> list[str]:
+def targets(results: list[measure.Result], floor: measure.Result, plan: Plan, experts: int) -> list[str]:
     by = {r.variant: r for r in results}
     bound = plan.model_bytes + (experts + 2) * plan.largest_bytes
     lines = [
-        (f"model size {plan.model_bytes / MB:.1f} MB ({plan.model_bytes / GIB:.3f} GiB), "
-         f"largest tensor {plan.largest_bytes / MB:.2f} MB, "
-         f"bound model + (n+2) x largest = {bound / MB:.1f} MB ({bound / GIB:.3f} GiB), n = {experts}")
+        (f"model size {plan.model_bytes / measure.MB:.1f} MB ({plan.model_bytes / measure.GIB:.3f} GiB), "
+         f"largest tensor {plan.largest_bytes / measure.MB:.2f} MB, "
+         f"bound model + (n+2) x largest = {bound / measure.MB:.1f} MB ({bound / measure.GIB:.3f} GiB), n = {experts}")
     ]
     note = "" if experts == 4 else f" (target stated for 4 experts; run has {experts})"
     for r in results:
@@ -346,14 +329,14 @@ def targets(results: list[Result], floor: Result, plan: Plan, experts: int) -> l
         naive = by[f"naive {key}"]
         ratio = r.peak_anon_kib / naive.peak_anon_kib
         lines.append(
-            f"{verdict(ratio <= 0.5)}  {key}: private ours {gib(r.peak_anon_kib):.3f} GiB <= 0.5 x naive "
-            f"{gib(naive.peak_anon_kib):.3f} GiB (ratio {ratio:.2f}){note}"
+            f"{verdict(ratio <= 0.5)}  {key}: private ours {measure.gib(r.peak_anon_kib):.3f} GiB <= 0.5 x naive "
+            f"{measure.gib(naive.peak_anon_kib):.3f} GiB (ratio {ratio:.2f}){note}"
         )
         working = (r.peak_anon_kib - r.idle_anon_kib) * 1024
         lines.append(
-            f"{verdict(r.peak_anon_kib * 1024 < bound)}  {key}: private ours {r.peak_anon_kib * 1024 / MB:.1f} MB "
-            f"< bound {bound / MB:.1f} MB ({r.idle_anon_kib * 1024 / MB:.1f} MB of it is interpreter + torch "
-            f"after imports; the merge's own {working / MB:.1f} MB = {working / plan.largest_bytes:.1f} x largest)"
+            f"{verdict(r.peak_anon_kib * 1024 < bound)}  {key}: private ours {r.peak_anon_kib * 1024 / measure.MB:.1f} MB "
+            f"< bound {bound / measure.MB:.1f} MB ({r.idle_anon_kib * 1024 / measure.MB:.1f} MB of it is interpreter + torch "
+            f"after imports; the merge's own {working / measure.MB:.1f} MB = {working / plan.largest_bytes:.1f} x largest)"
         )
     for key, limit in (("average", 1.5), ("ties-tensor", 4.0)):
         for variant in (f"ours {key}", f"ours {key}, no hash"):
@@ -381,7 +364,7 @@ def method_keys(text: str) -> list[str]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = bench_parser(MODULE, __doc__)
+    parser = measure.bench_parser(MODULE, __doc__)
     parser.add_argument("--size-mb", type=float, default=400.0, help="approximate size of each checkpoint (MB)")
     parser.add_argument("--experts", type=int, default=4, help="number of experts besides the base")
     parser.add_argument(
@@ -389,11 +372,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="average,ties,dare_ties",
         help="comma list of average, ties (both scopes), ties-tensor, ties-model, dare_ties",
     )
-    add_workdir_option(parser)
+    measure.add_workdir_option(parser)
     parser.add_argument(
         "--keep", action="store_true", help="keep the merged outputs in WORKDIR/out instead of deleting each after use"
     )
-    add_quiet_options(parser, wait_s=20.0, retries=2)
+    measure.add_quiet_options(parser, wait_s=20.0, retries=2)
     return parser.parse_args(argv)
 
 
@@ -402,7 +385,7 @@ def prepare(args: argparse.Namespace) -> Plan:
     inputs = ensure_inputs(args.workdir, args.size_mb, args.experts)
     outdir = args.workdir / "out"
     outdir.mkdir(parents=True, exist_ok=True)
-    quiet = Quiet(args.quiet_wait, args.retries)
+    quiet = measure.Quiet(args.quiet_wait, args.retries)
     return Plan(inputs, outdir, args.keep, quiet, nbytes(specs), largest_tensor_bytes(specs))
 
 
@@ -410,32 +393,31 @@ def header(plan: Plan, args: argparse.Namespace, warm_s: float) -> list[str]:
     total = sum(p.stat().st_size for p in plan.inputs.all())
     tensors, layers = len(model_specs(args.size_mb)), layers_for_size(args.size_mb, D_MODEL)
     return [
-        (f"asr-merge benchmark: base + {args.experts} experts, {plan.model_bytes / MB:.1f} MB each "
+        (f"asr-merge benchmark: base + {args.experts} experts, {plan.model_bytes / measure.MB:.1f} MB each "
          f"(float32, {tensors} tensors, {layers} layers, d={D_MODEL}), {os.cpu_count()} CPUs, torch threads default"),
-        (f"inputs {plan.inputs.base.parent} ({total / GIB:.2f} GiB) read once beforehand in {warm_s:.2f} s: "
+        (f"inputs {plan.inputs.base.parent} ({total / measure.GIB:.2f} GiB) read once beforehand in {warm_s:.2f} s: "
          "every variant reads from the page cache"),
         ("each variant in a fresh process; wall/cpu exclude interpreter start-up and imports; "
          "priv = RssAnon (private anonymous pages), sampled every 5 ms; idle priv = RssAnon after imports; "
          "ours runs with a cold digest cache unless marked warm; floor is the best of "
          f"{FLOOR_RUNS} runs; other cpu = cores used by other processes meanwhile (each run first waits up "
-         f"to {plan.quiet.wait_s:g} s for them to use < {QUIET_CORES}, and is redone up to {plan.quiet.retries} "
+         f"to {plan.quiet.wait_s:g} s for them to use < {measure.QUIET_CORES}, and is redone up to {plan.quiet.retries} "
          "times if they used more meanwhile; the least disturbed run is shown)"),
     ]
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    if args.run:
-        child_main(args.run, CHILDREN)
+    if measure.ran_as_child(args, CHILDREN):
         return
     keys = method_keys(args.methods)
     started = time.perf_counter()
     plan = prepare(args)
-    warm_s = warm_page_cache(plan.inputs.all())
+    warm_s = measure.warm_page_cache(plan.inputs.all())
     caches = Path(tempfile.mkdtemp(prefix="digest-caches-", dir=args.workdir))
     try:
         floor = run_floor(plan)
-        results: list[Result] = []
+        results: list[measure.Result] = []
         for key in keys:
             print(f"running {key} ...", flush=True)
             results += run_method(plan, key, caches)

@@ -43,23 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks.measure import (
-    QUIET_CORES,
-    ChildFn,
-    Quiet,
-    Result,
-    add_quiet_options,
-    add_workdir_option,
-    alternating_rounds,
-    bench_parser,
-    by_variant,
-    child_main,
-    gib,
-    machine_summary,
-    run_child,
-    run_quietly,
-    timed,
-)
+from benchmarks import measure
 from benchmarks.tables import Column, print_report, render_table, verdict
 from nemo_merge.testing import import_nemo_quietly
 
@@ -121,7 +105,7 @@ def child_build(spec: dict[str, Any]) -> dict[str, Any]:
         if not inputs.model.is_file():
             write_babbler(inputs.model)
 
-    return timed(build)
+    return measure.timed(build)
 
 
 def ensure_inputs(workdir: Path, utterances: int, log: Path) -> Inputs:
@@ -132,7 +116,7 @@ def ensure_inputs(workdir: Path, utterances: int, log: Path) -> Inputs:
     inputs.manifest.parent.mkdir(parents=True, exist_ok=True)
     print(f"building {utterances} utterances and the model in {inputs.manifest.parent} ...", flush=True)
     spec = {"kind": "build", "manifest": str(inputs.manifest), "model": str(inputs.model), "utterances": utterances}
-    built = run_child(MODULE, "build", spec, log=log)
+    built = measure.run_child(MODULE, "build", spec, log=log)
     print(f"  built in {built.wall_s:.1f} s", flush=True)
     return inputs
 
@@ -192,7 +176,7 @@ def child_ours(spec: dict[str, Any]) -> dict[str, Any]:
         row = report["models"][0]
         return {**extra, "wer": row["wer"][SET] / 100, "utterances": row["stats"][SET]["utterances"]}
 
-    return timed(run)
+    return measure.timed(run)
 
 
 def plain_loop(model_path: str, manifest: str, batch_size: int) -> dict[str, Any]:
@@ -212,10 +196,10 @@ def plain_loop(model_path: str, manifest: str, batch_size: int) -> dict[str, Any
 
 def child_plain(spec: dict[str, Any]) -> dict[str, Any]:
     prepare_child(spec)
-    return timed(lambda: plain_loop(spec["model"], spec["manifest"], spec["batch_size"]))
+    return measure.timed(lambda: plain_loop(spec["model"], spec["manifest"], spec["batch_size"]))
 
 
-CHILDREN: dict[str, ChildFn] = {"build": child_build, "ours": child_ours, "plain": child_plain}
+CHILDREN: dict[str, measure.ChildFn] = {"build": child_build, "ours": child_ours, "plain": child_plain}
 
 
 # ------------------------------------------------------------------------ driver
@@ -227,7 +211,7 @@ class Plan:
     batch_size: int
     threads: int
     repeats: int
-    quiet: Quiet
+    quiet: measure.Quiet
     scratch: Path  # report folders and digest/transcript caches
     log: Path  # the children's stderr: NeMo's warnings, tracebacks
 
@@ -250,21 +234,21 @@ def cold_digests(plan: Plan) -> dict[str, str]:
     return {"ASR_MERGE_CACHE": tempfile.mkdtemp(prefix="digests-", dir=plan.scratch)}
 
 
-def run_ours(plan: Plan, variant: str, cache_dir: Path | None = None, retries: int | None = None) -> Result:
-    quiet = plan.quiet if retries is None else Quiet(plan.quiet.wait_s, retries)
-    return run_quietly(MODULE, variant, spec_for(plan, "ours", cache_dir), quiet, cold_digests(plan), plan.log)
+def run_ours(plan: Plan, variant: str, cache_dir: Path | None = None, retries: int | None = None) -> measure.Result:
+    quiet = plan.quiet if retries is None else measure.Quiet(plan.quiet.wait_s, retries)
+    return measure.run_quietly(MODULE, variant, spec_for(plan, "ours", cache_dir), quiet, cold_digests(plan), plan.log)
 
 
-def run_plain(plan: Plan) -> Result:
-    return run_quietly(MODULE, "plain", spec_for(plan, "plain"), plan.quiet, log=plan.log)
+def run_plain(plan: Plan) -> measure.Result:
+    return measure.run_quietly(MODULE, "plain", spec_for(plan, "plain"), plan.quiet, log=plan.log)
 
 
-def run_rounds(plan: Plan) -> list[Result]:
+def run_rounds(plan: Plan) -> list[measure.Result]:
     """``plan.repeats`` rounds of ours and plain, alternating which goes first."""
-    return alternating_rounds([lambda: run_ours(plan, "ours (cache: false)"), lambda: run_plain(plan)], plan.repeats)
+    return measure.alternating_rounds([lambda: run_ours(plan, "ours (cache: false)"), lambda: run_plain(plan)], plan.repeats)
 
 
-def run_cached(plan: Plan) -> list[Result]:
+def run_cached(plan: Plan) -> list[measure.Result]:
     """ours with ``cache: true``: a run that fills a fresh cache, then a rerun from it."""
     print("cached rerun ...", flush=True)
     cache = Path(tempfile.mkdtemp(prefix="transcripts-", dir=plan.scratch))
@@ -296,14 +280,14 @@ class Summary:
     """The runs of one variant."""
 
     variant: str
-    runs: list[Result]
+    runs: list[measure.Result]
 
     @property
     def best_s(self) -> float:
         return self.best.wall_s
 
     @property
-    def best(self) -> Result:
+    def best(self) -> measure.Result:
         return min(self.runs, key=lambda r: r.wall_s)
 
     @property
@@ -315,8 +299,8 @@ class Summary:
         return {r.extra["wer"] for r in self.runs if "wer" in r.extra}
 
 
-def summaries(results: list[Result]) -> dict[str, Summary]:
-    return {variant: Summary(variant, runs) for variant, runs in by_variant(results).items()}
+def summaries(results: list[measure.Result]) -> dict[str, Summary]:
+    return {variant: Summary(variant, runs) for variant, runs in measure.by_variant(results).items()}
 
 
 def table(by: dict[str, Summary], utterances: int) -> list[str]:
@@ -333,7 +317,7 @@ def table(by: dict[str, Summary], utterances: int) -> list[str]:
                 f"{utterances / s.best_s:.1f}",
                 f"{utterances / s.median_s:.1f}",
                 f"{statistics.median(r.process_s for r in s.runs):.2f}",
-                f"{gib(max(r.peak_anon_kib for r in s.runs)):.3f}",
+                f"{measure.gib(max(r.peak_anon_kib for r in s.runs)):.3f}",
                 f"{max(r.other_cores for r in s.runs):.2f}",
                 wer,
             ]
@@ -364,13 +348,11 @@ def header(plan: Plan, utterances: int, audio_s: float) -> list[str]:
         (f"asr-merge eval vs plain NeMo loop: {utterances} espeak-ng utterances ({audio_s:.0f} s of audio), "
          f"tiny FastConformer-CTC-BPE babbler ({model_mb:.1f} MB .nemo), CPU, {plan.threads} torch thread(s), "
          f"batch size {plan.batch_size}; "
-         f"{machine_summary()}"),
+         f"{measure.machine_summary()}"),
         ("each run in a fresh process; work s = restore + transcribe + score (+ ours' checks, hashing and report "
          "files), imports excluded; cpu s = the best run's CPU time; process s = the child from start to exit (median); "
          f"{plan.repeats} rounds, order alternating; peak priv = max RssAnon over the runs; other cpu = most cores "
-         f"other processes used during a run (each run first waits up to {plan.quiet.wait_s:g} s for them to use "
-         f"< {QUIET_CORES}, and is redone up to {plan.quiet.retries} times if they used more); "
-         f"the children's stderr is in {plan.log}"),
+         f"other processes used during a run ({plan.quiet.describe()}); the children's stderr is in {plan.log}"),
     ]
 
 
@@ -378,7 +360,7 @@ def header(plan: Plan, utterances: int, audio_s: float) -> list[str]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = bench_parser(MODULE, __doc__)
+    parser = measure.bench_parser(MODULE, __doc__)
     parser.add_argument("--utterances", type=int, default=400, help="utterances synthesized for the test set")
     parser.add_argument("--batch-size", type=int, default=16, help="transcribe batch size of both variants")
     parser.add_argument(
@@ -389,8 +371,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "whenever another process takes a core, and the timings scatter)",
     )
     parser.add_argument("--repeats", type=int, default=3, help="rounds of ours and plain")
-    add_workdir_option(parser)
-    add_quiet_options(
+    measure.add_workdir_option(parser)
+    measure.add_quiet_options(
         parser, wait_s=5.0, retries=0, note=" (default 0: the best of the rounds already discounts disturbed runs)"
     )
     return parser.parse_args(argv)
@@ -398,15 +380,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    if args.run:
-        child_main(args.run, CHILDREN)
+    if measure.ran_as_child(args, CHILDREN):
         return
     started = time.perf_counter()
     args.workdir.mkdir(parents=True, exist_ok=True)
     log = args.workdir / "nemo_eval_bench.stderr.log"
     log.write_text("")
     inputs = ensure_inputs(args.workdir, args.utterances, log)
-    quiet = Quiet(args.quiet_wait, args.retries)
+    quiet = measure.Quiet(args.quiet_wait, args.retries)
     with tempfile.TemporaryDirectory(prefix="nemo-eval-", dir=args.workdir) as scratch:
         plan = Plan(inputs, args.batch_size, args.threads, max(1, args.repeats), quiet, Path(scratch), log)
         results = run_rounds(plan) + run_cached(plan)

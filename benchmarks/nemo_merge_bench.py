@@ -50,25 +50,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks.measure import (
-    CHUNK,
-    MB,
-    QUIET_CORES,
-    ChildFn,
-    Quiet,
-    Result,
-    add_quiet_options,
-    add_workdir_option,
-    alternating_rounds,
-    bench_parser,
-    by_variant,
-    child_main,
-    machine_summary,
-    run_child,
-    run_quietly,
-    timed,
-    warm_page_cache,
-)
+from benchmarks import measure
 from benchmarks.synthetic import Inputs, build_expert, child_ours
 from benchmarks.tables import print_report, ratio_table, variant_table
 from nemo_merge.testing import import_nemo_quietly
@@ -132,7 +114,7 @@ def build_inputs(inputs: Inputs, layers: int) -> None:
 
 def child_build(spec: dict[str, Any]) -> dict[str, Any]:
     import_nemo_quietly()
-    return timed(lambda: build_inputs(spec_inputs(spec), spec["layers"]))
+    return measure.timed(lambda: build_inputs(spec_inputs(spec), spec["layers"]))
 
 
 def ensure_inputs(workdir: Path, layers: int, experts: int, log: Path) -> Inputs:
@@ -143,7 +125,7 @@ def ensure_inputs(workdir: Path, layers: int, experts: int, log: Path) -> Inputs
     inputs.base.parent.mkdir(parents=True, exist_ok=True)
     print(f"building base + {experts} experts in {inputs.base.parent} ...", flush=True)
     spec = {"kind": "build", "base": str(inputs.base), "experts": [str(p) for p in inputs.experts], "layers": layers}
-    built = run_child(MODULE, "build", spec, log=log)
+    built = measure.run_child(MODULE, "build", spec, log=log)
     print(f"  built in {built.wall_s:.1f} s", flush=True)
     return inputs
 
@@ -157,7 +139,7 @@ def extract_weights(nemo: Path, folder: Path) -> Path:
     with tarfile.open(nemo, "r:*") as tar:
         member = next(m for m in tar.getmembers() if m.isfile() and posixpath.basename(m.name) == WEIGHTS_MEMBER)
         with tar.extractfile(member) as src, open(out, "wb") as dst:
-            shutil.copyfileobj(src, dst, CHUNK)
+            shutil.copyfileobj(src, dst, measure.CHUNK)
     return out
 
 
@@ -190,7 +172,7 @@ def legacy_average(base: Path, experts: list[Path], output: Path) -> None:
 def child_legacy(spec: dict[str, Any]) -> dict[str, Any]:
     import_nemo_quietly()  # before the timer starts
     inputs = spec_inputs(spec)
-    return timed(lambda: legacy_average(inputs.base, inputs.experts, Path(spec["output"])))
+    return measure.timed(lambda: legacy_average(inputs.base, inputs.experts, Path(spec["output"])))
 
 
 def counters(state: dict[str, Any]) -> list[int]:
@@ -229,10 +211,10 @@ def check_outputs(inputs: Inputs, ours: Path, legacy: Path) -> dict[str, Any]:
 
 def child_check(spec: dict[str, Any]) -> dict[str, Any]:
     import_nemo_quietly()
-    return timed(lambda: check_outputs(spec_inputs(spec), Path(spec["ours"]), Path(spec["legacy"])))
+    return measure.timed(lambda: check_outputs(spec_inputs(spec), Path(spec["ours"]), Path(spec["legacy"])))
 
 
-CHILDREN: dict[str, ChildFn] = {
+CHILDREN: dict[str, measure.ChildFn] = {
     "build": child_build,
     "ours": child_ours,  # benchmarks.synthetic's: finds the .nemo kind through nemo_merge's plugin, imports no NeMo
     "legacy": child_legacy,
@@ -247,20 +229,20 @@ CHILDREN: dict[str, ChildFn] = {
 class Plan:
     inputs: Inputs
     outdir: Path
-    quiet: Quiet
+    quiet: measure.Quiet
     repeats: int
     log: Path  # the children's stderr: NeMo's warnings, tracebacks
 
 
-def run_once(plan: Plan, variant: str, spec: dict[str, Any], caches: Path | None = None) -> Result:
+def run_once(plan: Plan, variant: str, spec: dict[str, Any], caches: Path | None = None) -> measure.Result:
     """One quiet run, its output replacing the previous run's; with ``caches``, hashing
     starts from a fresh, empty digest cache folder made there."""
     Path(spec["output"]).unlink(missing_ok=True)
     env = {"ASR_MERGE_CACHE": tempfile.mkdtemp(prefix="cache-", dir=caches)} if caches else None
-    return run_quietly(MODULE, variant, spec, plan.quiet, env, plan.log)
+    return measure.run_quietly(MODULE, variant, spec, plan.quiet, env, plan.log)
 
 
-def run_variants(plan: Plan, caches: Path) -> tuple[list[Result], dict[str, Any]]:
+def run_variants(plan: Plan, caches: Path) -> tuple[list[measure.Result], dict[str, Any]]:
     """ours (cold digest cache), ours without hashing and legacy in alternating rounds,
     the fastest run of each kept; then the outputs checked."""
     common = {"base": str(plan.inputs.base), "experts": [str(p) for p in plan.inputs.experts]}
@@ -272,11 +254,11 @@ def run_variants(plan: Plan, caches: Path) -> tuple[list[Result], dict[str, Any]
         lambda: run_once(plan, "ours, no hash", {**ours_spec, "hash_inputs": False}),
         lambda: run_once(plan, "legacy (NeMo script)", legacy_spec),
     ]
-    results = alternating_rounds(runs, plan.repeats)
-    fastest = [min(rs, key=lambda r: r.wall_s) for rs in by_variant(results).values()]
+    results = measure.alternating_rounds(runs, plan.repeats)
+    fastest = [min(rs, key=lambda r: r.wall_s) for rs in measure.by_variant(results).values()]
     print("checking the outputs ...", flush=True)
     check_spec = {**common, "kind": "check", "ours": str(ours_out), "legacy": str(legacy_out)}
-    check = run_child(MODULE, "check", check_spec, log=plan.log)
+    check = measure.run_child(MODULE, "check", check_spec, log=plan.log)
     return fastest, check.extra
 
 
@@ -313,15 +295,14 @@ def header(plan: Plan, layers: int, warm_s: float) -> list[str]:
     total = sum(p.stat().st_size for p in plan.inputs.all())
     return [
         (f"asr-merge vs NeMo checkpoint averaging: average of {len(plan.inputs.experts)} .nemo experts, "
-         f"{size / MB:.1f} MB each (FastConformer-CTC-BPE, float32, {layers} layers, d={D_MODEL}); {machine_summary()}"),
-        (f"inputs {plan.inputs.base.parent} ({total / MB:.0f} MB) read once beforehand in {warm_s:.2f} s: "
+         f"{size / measure.MB:.1f} MB each (FastConformer-CTC-BPE, float32, {layers} layers, d={D_MODEL}); {measure.machine_summary()}"),
+        (f"inputs {plan.inputs.base.parent} ({total / measure.MB:.0f} MB) read once beforehand in {warm_s:.2f} s: "
          "every variant reads from the page cache"),
         ("each variant in a fresh process; work s = the merge alone; process s = the child from start to exit "
          "(start-up and imports included); priv = RssAnon (private anonymous pages), sampled every 5 ms; "
          f"idle priv = RssAnon after imports; {plan.repeats} round(s) of the three variants, order alternating, "
-         "the fastest run of each (by work s) shown; other cpu = cores used by other processes meanwhile (each run "
-         f"first waits up to {plan.quiet.wait_s:g} s for them to use < {QUIET_CORES}, and is redone up to "
-         f"{plan.quiet.retries} times if they used more); the children's stderr is in {plan.log}"),
+         "the fastest run of each (by work s) shown; other cpu = cores used by other processes meanwhile "
+         f"({plan.quiet.describe()}); the children's stderr is in {plan.log}"),
     ]
 
 
@@ -329,15 +310,15 @@ def header(plan: Plan, layers: int, warm_s: float) -> list[str]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = bench_parser(MODULE, __doc__)
+    parser = measure.bench_parser(MODULE, __doc__)
     parser.add_argument("--layers", type=int, default=12, help="Conformer layers of the model (12: ~310 MB)")
     parser.add_argument("--experts", type=int, default=4, help="number of experts averaged")
     parser.add_argument(
         "--repeats", type=int, default=2, help="rounds of the three variants, order alternating; the fastest is shown"
     )
-    add_workdir_option(parser)
+    measure.add_workdir_option(parser)
     parser.add_argument("--keep", action="store_true", help="keep the two merged .nemo files in WORKDIR/out")
-    add_quiet_options(
+    measure.add_quiet_options(
         parser, wait_s=10.0, retries=0, note=" (default 0: the best of the rounds already discounts disturbed runs)"
     )
     return parser.parse_args(argv)
@@ -345,8 +326,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    if args.run:
-        child_main(args.run, CHILDREN)
+    if measure.ran_as_child(args, CHILDREN):
         return
     started = time.perf_counter()
     outdir = args.workdir / "out"
@@ -354,8 +334,8 @@ def main(argv: list[str] | None = None) -> None:
     log = outdir / "nemo_merge_bench.stderr.log"
     log.write_text("")
     inputs = ensure_inputs(args.workdir, args.layers, args.experts, log)
-    plan = Plan(inputs, outdir, Quiet(args.quiet_wait, args.retries), max(1, args.repeats), log)
-    warm_s = warm_page_cache(inputs.all())
+    plan = Plan(inputs, outdir, measure.Quiet(args.quiet_wait, args.retries), max(1, args.repeats), log)
+    warm_s = measure.warm_page_cache(inputs.all())
     caches = Path(tempfile.mkdtemp(prefix="digest-caches-", dir=args.workdir))
     try:
         results, check = run_variants(plan, caches)

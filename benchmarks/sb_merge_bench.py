@@ -41,21 +41,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.measure import (
-    MB,
-    ChildFn,
-    Quiet,
-    Result,
-    add_quiet_options,
-    add_workdir_option,
-    bench_parser,
-    child_main,
-    machine_summary,
-    run_child,
-    run_quietly,
-    timed,
-    warm_page_cache,
-)
+from benchmarks import measure
 from benchmarks.synthetic import BASE_SCALE, DELTA_SCALE
 from benchmarks.synthetic import child_ours as merge_recipe
 from benchmarks.tables import print_report, ratio_table, variant_table
@@ -179,7 +165,7 @@ def build_inputs(folders: list[Path], layers: int) -> None:
 def child_build(spec: dict[str, Any]) -> dict[str, Any]:
     import speechbrain.lobes.models.transformer.TransformerASR  # noqa: F401  (imported before the timer starts)
 
-    return timed(lambda: build_inputs([Path(p) for p in spec["folders"]], spec["layers"]))
+    return measure.timed(lambda: build_inputs([Path(p) for p in spec["folders"]], spec["layers"]))
 
 
 def ensure_inputs(workdir: Path, layers: int, count: int) -> list[Path]:
@@ -187,7 +173,7 @@ def ensure_inputs(workdir: Path, layers: int, count: int) -> list[Path]:
     folders = checkpoint_folders(workdir, layers, count)
     if not all(f.is_dir() for f in folders):
         print(f"building {count} checkpoint folders in {folders[0].parent} ...", flush=True)
-        built = run_child(MODULE, "build", {"kind": "build", "folders": [str(f) for f in folders], "layers": layers})
+        built = measure.run_child(MODULE, "build", {"kind": "build", "folders": [str(f) for f in folders], "layers": layers})
         print(f"  built in {built.wall_s:.1f} s", flush=True)
     return folders
 
@@ -230,7 +216,7 @@ def child_legacy(spec: dict[str, Any]) -> dict[str, Any]:
     import speechbrain.utils.checkpoints  # noqa: F401  (imported before the timer starts)
 
     shutil.rmtree(spec["output"], ignore_errors=True)  # a rerun's, before the timer starts
-    return timed(lambda: legacy_average(Path(spec["save"]), spec["count"], Path(spec["output"])))
+    return measure.timed(lambda: legacy_average(Path(spec["save"]), spec["count"], Path(spec["output"])))
 
 
 def compare(ours: Path, legacy: Path) -> dict[str, Any]:
@@ -249,16 +235,16 @@ def compare(ours: Path, legacy: Path) -> dict[str, Any]:
 
 
 def child_check(spec: dict[str, Any]) -> dict[str, Any]:
-    return timed(lambda: compare(Path(spec["ours"]), Path(spec["legacy"])))
+    return measure.timed(lambda: compare(Path(spec["ours"]), Path(spec["legacy"])))
 
 
-CHILDREN: dict[str, ChildFn] = {"build": child_build, "ours": child_ours, "legacy": child_legacy, "check": child_check}
+CHILDREN: dict[str, measure.ChildFn] = {"build": child_build, "ours": child_ours, "legacy": child_legacy, "check": child_check}
 
 
 # ------------------------------------------------------------------------ driver
 
 
-def run_variants(folders: list[Path], outdir: Path, quiet: Quiet, caches: Path) -> tuple[list[Result], dict[str, Any]]:
+def run_variants(folders: list[Path], outdir: Path, quiet: measure.Quiet, caches: Path) -> tuple[list[measure.Result], dict[str, Any]]:
     """ours (cold digest cache), ours without hashing, legacy; then the outputs compared."""
     ours_out, legacy_out = outdir / "CKPT+ours", outdir / "CKPT+legacy"
     ours = {
@@ -277,8 +263,8 @@ def run_variants(folders: list[Path], outdir: Path, quiet: Quiet, caches: Path) 
         ("legacy (average_checkpoints)", legacy, None),
     ):
         print(f"running {variant} ...", flush=True)
-        results.append(run_quietly(MODULE, variant, spec, quiet, env))
-    check = run_child(MODULE, "check", {"kind": "check", "ours": str(ours_out), "legacy": str(legacy_out)})
+        results.append(measure.run_quietly(MODULE, variant, spec, quiet, env))
+    check = measure.run_child(MODULE, "check", {"kind": "check", "ours": str(ours_out), "legacy": str(legacy_out)})
     return results, check.extra
 
 
@@ -288,9 +274,9 @@ def header(folders: list[Path], layers: int, warm_s: float) -> list[str]:
     total = sum(f.stat().st_size for f in input_files(folders))
     return [
         (f"asr-merge vs SpeechBrain average_checkpoints: average of {len(folders)} CKPT+ folders, "
-         f"{folder / MB:.0f} MB each (model.ckpt {model / MB:.0f} MB: CTC Conformer, float32, {layers} layers, "
-         f"d={D_MODEL}; optimizer.ckpt twice that); {machine_summary()}"),
-        (f"inputs {folders[0].parent} ({total / MB:.0f} MB) read once beforehand in {warm_s:.2f} s: "
+         f"{folder / measure.MB:.0f} MB each (model.ckpt {model / measure.MB:.0f} MB: CTC Conformer, float32, {layers} layers, "
+         f"d={D_MODEL}; optimizer.ckpt twice that); {measure.machine_summary()}"),
+        (f"inputs {folders[0].parent} ({total / measure.MB:.0f} MB) read once beforehand in {warm_s:.2f} s: "
          "every variant reads from the page cache"),
         ("each variant in a fresh process; work s = the merge and its output folder; process s = the child from start "
          "to exit (start-up and imports included); priv = RssAnon (private anonymous pages), sampled every 5 ms; "
@@ -308,28 +294,27 @@ def check_lines(check: dict[str, Any]) -> list[str]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = bench_parser(MODULE, __doc__)
+    parser = measure.bench_parser(MODULE, __doc__)
     parser.add_argument("--layers", type=int, default=4, help="Conformer layers of the model (4: ~120 MB model.ckpt)")
     parser.add_argument("--checkpoints", type=int, default=4, help="number of checkpoint folders averaged")
-    add_workdir_option(parser)
+    measure.add_workdir_option(parser)
     parser.add_argument("--keep", action="store_true", help="keep the two merged folders in WORKDIR/out")
-    add_quiet_options(parser, wait_s=10.0, retries=1)
+    measure.add_quiet_options(parser, wait_s=10.0, retries=1)
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    if args.run:
-        child_main(args.run, CHILDREN)
+    if measure.ran_as_child(args, CHILDREN):
         return
     started = time.perf_counter()
     folders = ensure_inputs(args.workdir, args.layers, args.checkpoints)
     outdir = args.workdir / "out"
     outdir.mkdir(parents=True, exist_ok=True)
-    warm_s = warm_page_cache(input_files(folders))
+    warm_s = measure.warm_page_cache(input_files(folders))
     caches = Path(tempfile.mkdtemp(prefix="digest-caches-", dir=args.workdir))
     try:
-        results, check = run_variants(folders, outdir, Quiet(args.quiet_wait, args.retries), caches)
+        results, check = run_variants(folders, outdir, measure.Quiet(args.quiet_wait, args.retries), caches)
     finally:
         shutil.rmtree(caches, ignore_errors=True)
         if not args.keep:
