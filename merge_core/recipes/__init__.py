@@ -17,13 +17,16 @@ when the recipe does not name one.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Protocol, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
 from merge_core.errors import RecipeError
 from merge_core.recipes.config import apply_overrides, load_yaml_config
 from merge_core.registry import get_recipe_kind
+
+if TYPE_CHECKING:
+    from merge_core.engine import MergeResult
 
 Source = str | Path | Mapping[str, Any] | DictConfig
 
@@ -33,8 +36,8 @@ class RunnableRecipe(Protocol):
 
     method: str
 
-    def run(self, *, progress: bool = True) -> Any:
-        """Run the recipe; returns a :class:`merge_core.engine.MergeResult`."""
+    def run(self, *, progress: bool = True) -> MergeResult:
+        """Run the recipe: what it wrote."""
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-data form, as stored in provenance records."""
@@ -73,7 +76,7 @@ def parse_recipe(config: Mapping[str, Any] | DictConfig, *, method: str | None =
         raise RecipeError(f"{where}: {e}" if where else str(e)) from None
 
 
-def run_recipe(source: Source, overrides: Sequence[str] = (), *, method: str | None = None, progress: bool = True) -> Any:
+def run_recipe(source: Source, overrides: Sequence[str] = (), *, method: str | None = None, progress: bool = True) -> MergeResult:
     """Read, validate and run a recipe of any kind; returns its :class:`~merge_core.engine.MergeResult`."""
     where = str(source) if isinstance(source, (str, Path)) else None
     recipe = parse_recipe(load_recipe_config(source, overrides), method=method, where=where)
