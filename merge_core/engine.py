@@ -20,8 +20,9 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 import torch
 from tqdm.auto import tqdm
 
+from merge_core.atomic import output_errors
 from merge_core.checkpoint import CheckpointReader, TensorSpec, create_writer, open_checkpoint
-from merge_core.errors import NonFiniteError, TensorMismatchError
+from merge_core.errors import CheckpointError, NonFiniteError, TensorMismatchError
 from merge_core.checkpoint.provenance import hash_in_background, provenance_record
 from merge_core.registry import TensorInputs
 from merge_core.methods.sparsify import ModelMagnitudeTrim, magnitude_trim
@@ -102,6 +103,40 @@ def plan_actions(recipe: Recipe, template: CheckpointReader) -> dict[str, str]:
         else:
             actions[name] = EXCLUDED
     return actions
+
+
+def available_memory() -> int | None:
+    """Bytes of memory the system can give now (Linux ``MemAvailable``); None elsewhere."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_memory(inputs: Inputs, actions: dict[str, str]) -> None:
+    """Refuse, before any tensor is read, a merge whose largest merged tensor cannot be
+    held: merging one tensor holds it in the compute dtype once per input, plus the
+    result and one scratch copy. Headers are taken at their word here, so a file that
+    claims a huge tensor is refused rather than allowed to exhaust memory."""
+    merged = [n for n, a in actions.items() if a == MERGE]
+    available = available_memory()
+    if not merged or available is None:
+        return
+    specs = {n: inputs.template.spec(n) for n in merged}
+    name = max(merged, key=lambda n: specs[n].numel)
+    wide = any(r.spec(name).dtype == torch.float64 for r in inputs.all())
+    copies = len(inputs.all()) + 2
+    need = specs[name].numel * (8 if wide else 4) * copies
+    if need > available:
+        raise CheckpointError(
+            f"{inputs.template.path}: tensor {name!r} of shape {specs[name].shape} needs {need / 2**30:.1f} GiB "
+            f"to merge ({copies} copies in float{64 if wide else 32}), more than the {available / 2**30:.1f} GiB "
+            "of memory available; if the header is right, merge on a machine with more memory"
+        )
 
 
 def compute_dtype(tensors: list[torch.Tensor]) -> torch.dtype:
@@ -261,7 +296,7 @@ def write_stream(
         placeholder = provenance_record(recipe, input_records(roles, {p: "0" * 64 for p in pending}), tensors)
         specs: dict[str, TensorSpec] = {name: template.spec(name) for name in template.keys()}
         reserve = len(json.dumps(placeholder)) + 1024
-        with create_writer(output, specs, template, shard_size=shard_size, provenance_reserve=reserve) as writer:
+        with output_errors(output), create_writer(output, specs, template, shard_size=shard_size, provenance_reserve=reserve) as writer:
             for name, tensor in stream(writer.order):
                 writer.write(name, tensor)
             digests = {path: future.result() for path, future in pending.items()}
@@ -290,6 +325,7 @@ def merge(recipe: Recipe, *, progress: bool = True) -> MergeResult:
     output.parent.mkdir(parents=True, exist_ok=True)
     with open_inputs(recipe) as inputs:
         actions = plan_actions(recipe, inputs.template)
+        check_memory(inputs, actions)
         tensors = tensor_record(inputs, actions)
         files, record = write_stream(
             output,

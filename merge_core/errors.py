@@ -38,3 +38,8 @@ class TrainingConfigError(MergeError):
 class CorpusError(MergeError):
     """A corpus folder, transcript, audio file or text source is missing or malformed,
     or a build clashes with an earlier one; the message names the path at fault."""
+
+
+class OutputError(MergeError):
+    """An output cannot be written: the disk or quota is full, or the folder is not
+    writable; the message names the output and the folder."""

@@ -214,6 +214,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MergeError as e:
         print(f"asr-merge: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # the system refused a file: say which, without a traceback
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"asr-merge: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        # outputs are published atomically: an interrupted run left none half-written
+        print("asr-merge: interrupted; no output was left half-written", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -143,14 +143,29 @@ def _csv_rows(path: Path) -> list[tuple[int, dict]]:
         raise ManifestError(f"{path}: not a readable CSV ({e})") from None
 
 
-def check_audio(utterances: list[Utterance], manifest: str | Path) -> None:
-    """Fail early, naming the manifest and file, if any audio is missing or unreadable."""
+# Utterances are decoded whole, and a Conformer's attention grows with the square of
+# the length: five minutes (LibriSpeech's longest is 35 s) keeps the tiny and the
+# 1.1B models within a few GB; longer audio is segmented first, as in long-form recipes.
+DEFAULT_MAX_DURATION = 300.0
+
+
+def check_audio(
+    utterances: list[Utterance], manifest: str | Path, max_duration: float | None = DEFAULT_MAX_DURATION
+) -> None:
+    """Fail early, naming the manifest and file, if any audio is missing, unreadable, or
+    (by its header, not the manifest's word) longer than ``max_duration`` seconds."""
     import soundfile
 
     for u in utterances:
         if not u.audio.is_file():
             raise ManifestError(f"{manifest}: audio file {str(u.audio)!r} does not exist")
         try:
-            soundfile.info(str(u.audio))
+            seconds = soundfile.info(str(u.audio)).duration
         except (RuntimeError, soundfile.LibsndfileError) as e:
             raise ManifestError(f"{manifest}: audio file {str(u.audio)!r} is unreadable ({e})") from None
+        if max_duration is not None and seconds > max_duration:
+            raise ManifestError(
+                f"{manifest}: audio file {str(u.audio)!r} lasts {seconds:.0f} s, longer than max_duration="
+                f"{max_duration:g} s: decoded whole it would need memory growing with the square of its length; "
+                "split it into segments, or raise max_duration in the evaluation config"
+            )

@@ -16,6 +16,7 @@ does the rest the same way for both toolkits. The config (YAML or Hydra):
     normalization: {lowercase: true, strip_punctuation: true, english: false}
     batch_size: 16
     max_utterances: null                     # evaluate the first N of each set (dev subsets)
+    max_duration: 300                        # refuse audio longer than this (s), as NeMo's datasets' key; null: no bound
     output_dir: outputs/eval                 # report.json, report.md, report.png; eval.log (the toolkit's log)
     cache: true                              # reuse transcripts by (weights, manifest, decoding)
     cache_dir: null                          # default ~/.cache/asr-merge/eval
@@ -38,6 +39,7 @@ from tqdm.auto import tqdm
 from merge_core.atomic import write_atomically
 from merge_core.errors import EvaluationError
 from merge_core.evaluation.cache import EvalCache, manifest_digest
+from merge_core.evaluation.manifests import DEFAULT_MAX_DURATION
 from merge_core.evaluation.report import DEFAULT_FORGETTING_SETS, build_report, render_markdown, write_report
 from merge_core.evaluation.text import TextNormalization
 from merge_core.evaluation.toolkit_log import toolkit_output_to
@@ -73,6 +75,7 @@ class EvalConfig:
     cache: bool = True
     cache_dir: str | None = None
     toolkit: str = "nemo"
+    max_duration: float | None = DEFAULT_MAX_DURATION
 
     def resolved_device(self) -> str:
         """``device``, with ``auto`` meaning CUDA when torch sees a GPU."""
@@ -103,10 +106,13 @@ class EvalConfig:
         absent = [s for s in forgetting if s not in manifests]
         if absent:
             raise EvaluationError(f"forgetting set(s) {absent} have no entry in 'manifests' ({sorted(manifests)})")
+        options: dict[str, Any] = {}
         reference = raw.get("reference_model") or names[0]
         if reference not in names:
             raise EvaluationError(f"reference_model {reference!r} is not one of the models {names}")
-        options = {k: raw[k] for k in ("batch_size", "num_workers", "max_utterances", "device", "decoding", "output_dir", "cache", "cache_dir", "toolkit") if raw.get(k) is not None}
+        if "max_duration" in raw:
+            options["max_duration"] = _max_duration(raw["max_duration"])
+        options |= {k: raw[k] for k in ("batch_size", "num_workers", "max_utterances", "device", "decoding", "output_dir", "cache", "cache_dir", "toolkit") if raw.get(k) is not None}
         return cls(
             models=models,
             manifests=manifests,
@@ -115,6 +121,14 @@ class EvalConfig:
             normalization=TextNormalization.from_mapping(raw.get("normalization")),
             **options,
         )
+
+
+def _max_duration(value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+        raise EvaluationError(f"evaluation key 'max_duration' must be a positive number of seconds or null, got {value!r}")
+    return float(value)
 
 
 def _model_spec(i: int, raw: Any) -> ModelSpec:
@@ -162,7 +176,7 @@ def load_sets(backend: Backend, config: EvalConfig) -> dict[str, list[Utterance]
         utterances = backend.read_manifest(Path(path))
         if config.max_utterances is not None:
             utterances = utterances[: config.max_utterances]
-        check_audio(utterances, path)
+        check_audio(utterances, path, config.max_duration)
         sets[name] = utterances
     return sets
 

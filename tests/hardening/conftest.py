@@ -1,0 +1,24 @@
+"""Shared settings of the hardening tests (fuzz, crash, concurrency, disk, limits).
+
+CI runs a bounded number of generated examples; ``ASR_MERGE_FUZZ_EXAMPLES`` (or
+``make fuzz``) runs more. Hypothesis keeps no example database in the repository:
+every run draws fresh inputs from its seed.
+"""
+
+from __future__ import annotations
+
+import os
+
+from hypothesis import HealthCheck, settings
+
+FUZZ_EXAMPLES = int(os.environ.get("ASR_MERGE_FUZZ_EXAMPLES", "30"))
+
+settings.register_profile(
+    "asr-merge",
+    max_examples=FUZZ_EXAMPLES,
+    deadline=None,  # first calls import torch and friends; time bounds are asserted per call instead
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+    print_blob=True,
+)
+settings.load_profile("asr-merge")
