@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo demo-smoke demo-whisper test test-fast bench clean
+.PHONY: demo demo-smoke demo-whisper test test-fast fuzz bench clean
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
@@ -34,6 +34,11 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
 
+# the hardening tests with many more generated inputs, kill moments and races than CI's
+fuzz: $(STAMP)
+	ASR_MERGE_FUZZ_EXAMPLES=$${ASR_MERGE_FUZZ_EXAMPLES:-500} ASR_MERGE_CRASH_SEEDS=$${ASR_MERGE_CRASH_SEEDS:-5} \
+		ASR_MERGE_RACE_ROUNDS=$${ASR_MERGE_RACE_ROUNDS:-10} $(BIN)/python -m pytest -q tests/hardening --hypothesis-show-statistics
+
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.merge_bench
 	$(BIN)/python -m benchmarks.nemo_merge_bench
@@ -41,6 +46,7 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks.nemo_train_overhead
 	$(BIN)/python -m benchmarks.sb_merge_bench
 	$(BIN)/python -m benchmarks.greedy_cost
+	$(BIN)/python -m benchmarks.search_cost   # one asr-merge search trial vs merge + eval; trials per minute
 
 clean:
 	rm -rf $(VENV)

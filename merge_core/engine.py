@@ -322,11 +322,11 @@ def merge(recipe: Recipe, *, progress: bool = True) -> MergeResult:
     atomically with its provenance. On any error nothing is left at ``output``."""
     start = time.perf_counter()
     output = Path(recipe.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
     with open_inputs(recipe) as inputs:
         actions = plan_actions(recipe, inputs.template)
         check_memory(inputs, actions)
         tensors = tensor_record(inputs, actions)
+        output.parent.mkdir(parents=True, exist_ok=True)  # only once the inputs are known good
         files, record = write_stream(
             output,
             recipe.to_dict(),

@@ -43,3 +43,8 @@ class CorpusError(MergeError):
 class OutputError(MergeError):
     """An output cannot be written: the disk or quota is full, or the folder is not
     writable; the message names the output and the folder."""
+
+
+class SearchError(MergeError):
+    """A forgetting-budget search cannot run (Optuna is missing, its study belongs to
+    another recipe) or found no merge within its budget; the message names the study."""

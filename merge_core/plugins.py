@@ -64,8 +64,11 @@ class ToolkitPlugin:
     evaluate : Reference, optional
         ``evaluate(config, progress) -> (report, files)``: the ``asr-merge eval`` back end.
     dev_evaluators : mapping of str to Reference
-        Checkpoint kind -> ``factory(template reader, dev set) -> evaluate(state_dict) -> WER``:
-        how greedy soups score a candidate merge of that kind in memory.
+        Checkpoint kind -> ``factory(template reader, dev set, shared=None) -> evaluator``:
+        how greedy soups and forgetting-budget searches score a candidate merge of that
+        kind in memory. ``evaluator(state_dict)`` is the dev WER, ``evaluator.stats(state_dict)``
+        its edit counts; ``shared``, another evaluator of the factory, lends its restored
+        model (one model, several dev sets).
     train_run : Reference, optional
         ``train_run(recipe, index, hyper, run_dir) -> best checkpoint``: one fine-tuning run
         through the toolkit's own entry point (MAcT).

@@ -12,8 +12,11 @@ base's archive, member for member, with merged weights and an
 
 from __future__ import annotations
 
+import bz2
+import gzip
 import io
 import json
+import lzma
 import posixpath
 import shutil
 import tarfile
@@ -28,10 +31,19 @@ from merge_core.atomic import discard, publish, temp_path
 from merge_core.checkpoint.base import CheckpointKind, CheckpointReader, TensorSpec
 from merge_core.checkpoint.torch_io import StagedWriter, TorchReader, save_staged_state_dict
 from merge_core.errors import CheckpointError, TensorMismatchError
+from merge_core.recipes.config import yaml_tree_problem
 
 CONFIG_MEMBER = "model_config.yaml"
 WEIGHTS_MEMBER = "model_weights.ckpt"
 PROVENANCE_MEMBER = "asr_merge_provenance.json"
+# torch.save's zip archive; pickles of protocol 2 to 5 (legacy torch serialization)
+ZIP_MAGIC = b"PK\x03\x04"
+LEGACY_MAGICS = tuple(b"\x80" + bytes([protocol]) for protocol in range(2, 6))
+# a compressed archive may expand to this many times its size (and never refused below MIN_BOMB_SIZE)
+MAX_COMPRESSION_RATIO = 100
+MIN_BOMB_SIZE = 64 << 20
+# model configs of real models hold a few thousand values
+MAX_CONFIG_VALUES = 100_000
 # Config sections that define the network; experts may differ elsewhere (optim, data, augmentation)
 ARCHITECTURE_KEYS = ("target", "preprocessor", "encoder", "decoder", "joint")
 
@@ -60,18 +72,46 @@ def unsafe_reason(member: tarfile.TarInfo) -> str | None:
 
 
 def open_nemo_tar(path: Path) -> tarfile.TarFile:
-    """Open a ``.nemo`` tar (plain or gzip) and refuse it whole if any member is unsafe."""
+    """Open a ``.nemo`` tar (plain or compressed) and refuse it whole if any member is
+    unsafe (:func:`unsafe_reason`), sparse, listed twice, or larger than the archive can
+    hold. Members are vetted as they are read, so a decompression bomb is refused at
+    its header, before the stream behind it is inflated."""
     try:
         tar = tarfile.open(path, "r:*")
-        members = tar.getmembers()
     except (tarfile.TarError, OSError, EOFError) as e:
         raise CheckpointError(f"{path}: not a .nemo archive (not a readable tar file: {e})") from None
-    for member in members:
-        reason = unsafe_reason(member)
-        if reason:
-            tar.close()
-            raise CheckpointError(f"{path}: refusing unsafe archive member {member.name!r} ({reason})")
+    try:
+        _vet_members(tar, path)
+    except (tarfile.TarError, OSError, EOFError) as e:
+        tar.close()
+        raise CheckpointError(f"{path}: not a .nemo archive (not a readable tar file: {e})") from None
+    except CheckpointError:
+        tar.close()
+        raise
     return tar
+
+
+def _vet_members(tar: tarfile.TarFile, path: Path) -> None:
+    """Read the members one header at a time, raising CheckpointError at the first refused."""
+    size = path.stat().st_size
+    compressed = isinstance(tar.fileobj, (gzip.GzipFile, bz2.BZ2File, lzma.LZMAFile))
+    # what the archive can hold: a plain tar its own bytes; a compressed one a bounded ratio
+    # of them (float weights barely compress, a run of zeros ~1000x)
+    capacity = max(MIN_BOMB_SIZE, MAX_COMPRESSION_RATIO * size) if compressed else size
+    total, seen = 0, set()
+    for member in tar:
+        total += member.size
+        reason = unsafe_reason(member)
+        if reason is None and member.sparse is not None:
+            reason = "sparse file: its holes would be written out as zeros of any size"
+        elif reason is None and not member.isdir() and _bare(member.name) in seen:
+            reason = "listed twice: which copy is meant is ambiguous"
+        elif reason is None and total > capacity:
+            reason = (f"its {member.size} bytes bring the members to {total} bytes, more than a "
+                      f"{'compressed ' if compressed else ''}archive of {size} bytes can hold (a decompression bomb?)")
+        if reason:
+            raise CheckpointError(f"{path}: refusing unsafe archive member {member.name!r} ({reason})")
+        seen.add(_bare(member.name))
 
 
 def _find_member(tar: tarfile.TarFile, name: str, path: Path) -> tarfile.TarInfo:
@@ -106,22 +146,58 @@ class NemoReader(CheckpointReader):
 
     def __init__(self, path: Path) -> None:
         super().__init__(path)
+        self._tmp: Path | None = None
         with open_nemo_tar(self.path) as tar:
             config_member = _find_member(tar, CONFIG_MEMBER, self.path)
-            self.weights_member = _find_member(tar, WEIGHTS_MEMBER, self.path).name
-            try:
-                self.config: dict[str, Any] = yaml.safe_load(tar.extractfile(config_member)) or {}
-            except yaml.YAMLError as e:
-                raise CheckpointError(f"{self.path}: unreadable {CONFIG_MEMBER} ({e})") from None
-            self._tmp = Path(tempfile.mkdtemp(prefix="asr-merge-nemo-"))
+            weights_member = _find_member(tar, WEIGHTS_MEMBER, self.path)
+            self.weights_member = weights_member.name
+            self.config = self._read_config(tar, config_member)
+            # a hidden folder named by temp_path, so the copy a killed run leaves behind
+            # (the size of the weights) is removed by the next run that opens a .nemo
+            self._tmp = temp_path(Path(tempfile.gettempdir()) / "asr-merge-nemo")
+            self._tmp.mkdir()
             weights = self._tmp / WEIGHTS_MEMBER
-            with tar.extractfile(self.weights_member) as src, open(weights, "wb") as dst:
-                shutil.copyfileobj(src, dst, 16 << 20)
+            try:
+                self._extract_weights(tar, weights_member, weights)
+            except BaseException:
+                self.close()
+                raise
         try:
             self._weights = TorchReader(weights)
         except CheckpointError as e:
             self.close()
             raise CheckpointError(str(e).replace(str(weights), f"{self.path} (member {WEIGHTS_MEMBER})")) from None
+
+    def _read_config(self, tar: tarfile.TarFile, member: tarfile.TarInfo) -> dict[str, Any]:
+        where = f"{self.path} (member {CONFIG_MEMBER})"
+        try:
+            config = yaml.safe_load(tar.extractfile(member)) or {}
+        except yaml.YAMLError as e:
+            raise CheckpointError(f"{where}: unreadable YAML ({e})") from None
+        except RecursionError:
+            raise CheckpointError(f"{where}: unreadable YAML (nested too deeply)") from None
+        if not isinstance(config, dict):
+            raise CheckpointError(f"{where}: a model config must be a mapping, got {type(config).__name__}")
+        # the config is flattened and compared with the template's: refuse what a walk cannot finish
+        problem = yaml_tree_problem(config, MAX_CONFIG_VALUES)
+        if problem:
+            raise CheckpointError(f"{where}: a model config with {problem} is refused")
+        return config
+
+    def _extract_weights(self, tar: tarfile.TarFile, member: tarfile.TarInfo, dest: Path) -> None:
+        """Copy the weights member to ``dest``, after checking it looks like a torch file and fits."""
+        where = f"{self.path} (member {WEIGHTS_MEMBER})"
+        free = shutil.disk_usage(dest.parent).free
+        if member.size > free:
+            raise CheckpointError(f"{where}: {member.size} bytes do not fit the {free} bytes free in {dest.parent}")
+        # a compressed stream was read whole when the members were vetted: damage has shown already
+        with tar.extractfile(member) as src:
+            head = src.read(len(ZIP_MAGIC))
+            if head != ZIP_MAGIC and head[:2] not in LEGACY_MAGICS:
+                raise CheckpointError(f"{where}: not a torch checkpoint (neither a torch zip archive nor a pickle)")
+            src.seek(0)
+            with open(dest, "wb") as dst:
+                shutil.copyfileobj(src, dst, 16 << 20)
 
     def keys(self) -> list[str]:
         return self._weights.keys()
@@ -146,7 +222,8 @@ class NemoReader(CheckpointReader):
     def close(self) -> None:
         if hasattr(self, "_weights"):
             self._weights.close()
-        discard(self._tmp)
+        if self._tmp is not None:
+            discard(self._tmp)
 
 
 class NemoWriter(StagedWriter):

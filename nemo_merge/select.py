@@ -1,5 +1,7 @@
-"""The NeMo dev evaluator of greedy soups (:mod:`merge_core.recipes.greedy_soup`): one model restored
-from the template ``.nemo`` once, its weights overwritten for every trial.
+"""The NeMo dev evaluator of greedy soups (:mod:`merge_core.recipes.greedy_soup`) and forgetting-budget
+searches (:mod:`merge_core.recipes.search`): one model restored from the template ``.nemo`` once,
+its weights overwritten for every trial. A search scores several dev sets with that one model:
+each set's evaluator is built with ``shared=`` the first one.
 
 For CTC models the preprocessor's features are computed once, by the model's own
 ``transcribe`` (dither and padding as it sets them), and every trial runs only encoder,
@@ -18,7 +20,7 @@ import torch
 from merge_core.checkpoint import CheckpointReader
 from merge_core.errors import RecipeError
 from merge_core.evaluation.runner import ModelSpec
-from merge_core.evaluation.wer import score
+from merge_core.evaluation.wer import WerStats, score
 from merge_core.evaluation.manifests import Utterance, check_audio, read_nemo_manifest
 from merge_core.recipes.greedy_soup import DevSet
 from merge_core.selection import StateDict
@@ -31,9 +33,13 @@ Features = list[tuple[torch.Tensor, torch.Tensor]]
 
 
 class NemoDevEvaluator:
-    """``evaluate(state_dict) -> WER`` on a dev subset, for one restored NeMo model."""
+    """``evaluate(state_dict) -> WER`` on a dev subset, for one restored NeMo model.
 
-    def __init__(self, template: CheckpointReader, dev: DevSet) -> None:
+    ``shared``: an evaluator of another dev set whose restored model (and decoding
+    settings) this one uses instead of restoring its own.
+    """
+
+    def __init__(self, template: CheckpointReader, dev: DevSet, shared: "NemoDevEvaluator | None" = None) -> None:
         from nemo.collections.asr.models import EncDecCTCModel
         from omegaconf import OmegaConf
 
@@ -43,10 +49,13 @@ class NemoDevEvaluator:
         self.utterances: list[Utterance] = dev.choose(read_nemo_manifest(dev.manifest))
         check_audio(self.utterances, dev.manifest)
         self.dev = dev
-        self.model = restore(ModelSpec(name="template", model=str(template.path)), dev.resolved_device())
-        if dev.options.get("decoding") is not None:
-            decoding = OmegaConf.merge(self.model.cfg.decoding, dict(dev.options["decoding"]))
-            self.model.change_decoding_strategy(decoding)
+        if shared is not None:
+            self.model = shared.model
+        else:
+            self.model = restore(ModelSpec(name="template", model=str(template.path)), dev.resolved_device())
+            if dev.options.get("decoding") is not None:
+                decoding = OmegaConf.merge(self.model.cfg.decoding, dict(dev.options["decoding"]))
+                self.model.change_decoding_strategy(decoding)
         self.cached = isinstance(self.model, EncDecCTCModel)
         self.frontend: StateDict = {}
         self.features: Features = []
@@ -88,7 +97,8 @@ class NemoDevEvaluator:
                 texts += [hypothesis_text(h) for h in hypotheses]
         return texts
 
-    def __call__(self, state: StateDict) -> float:
+    def stats(self, state: StateDict) -> WerStats:
+        """The edit counts of the model with ``state``'s weights on this dev subset."""
         self.model.load_state_dict(state, strict=True)
         if not self.cached:
             hypotheses = self._transcribe()
@@ -96,5 +106,8 @@ class NemoDevEvaluator:
             if self._frontend_changed(state):
                 self._compute_features()
             hypotheses = self._decode_features()
-        return score([u.text for u in self.utterances], hypotheses, self.dev.normalization, name="dev").wer
+        return score([u.text for u in self.utterances], hypotheses, self.dev.normalization, name=str(self.dev.manifest))
+
+    def __call__(self, state: StateDict) -> float:
+        return self.stats(state).wer
 

@@ -45,13 +45,21 @@ from typing import Any, Mapping
 
 import speechbrain as sb
 from speechbrain.dataio.dataloader import LoopedLoader
+from speechbrain.utils.checkpoints import Checkpointer
 from speechbrain.utils.distributed import if_main_process
 from torch.utils.data import DataLoader
 
 from merge_core.errors import TrainingConfigError
 from merge_core.attention.lmam import LmamSettings, apply_lmam_from_checkpoint, has_lmam, lmam_lambdas
 from merge_core.training.lora import LoraSettings, apply_lora, has_lora
-from speechbrain_merge.training import EXPORT_NAME, export_expert, llrd_optimizer, model_recoverables, write_trajectory_snapshot
+from speechbrain_merge.training import (
+    EXPORT_NAME,
+    AtomicCheckpointer,
+    export_expert,
+    llrd_optimizer,
+    model_recoverables,
+    write_trajectory_snapshot,
+)
 
 # the hparams keys MergeableBrain reads (see the module docstring)
 MERGEABLE_KEYS = (
@@ -107,6 +115,10 @@ class MergeableBrain(sb.Brain):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         check_hparams_keys(type(self), vars(getattr(self, "hparams", None) or {}))
+        if type(self.checkpointer) is Checkpointer:
+            # hparams build a stock Checkpointer, whose interrupted saves break every
+            # resume; turned in place (the recipe holds it too) into one that saves whole
+            self.checkpointer.__class__ = AtomicCheckpointer
 
     def _setting(self, key: str) -> Any:
         return getattr(self.hparams, key, None)

@@ -43,8 +43,9 @@ import yaml
 from merge_core.atomic import discard, publish
 from merge_core.checkpoint.base import CheckpointKind, CheckpointReader, TensorSpec
 from merge_core.checkpoint.safetensors_io import INDEX_NAME
-from merge_core.checkpoint.torch_io import StagedWriter, save_staged_state_dict
+from merge_core.checkpoint.torch_io import StagedWriter, first_line, save_staged_state_dict
 from merge_core.errors import CheckpointError, TensorMismatchError
+from merge_core.recipes.config import yaml_tree_problem
 
 # SpeechBrain's names (speechbrain.utils.checkpoints), repeated to keep this module import-free
 CKPT_PREFIX = "CKPT"
@@ -53,6 +54,7 @@ PARAM_SUFFIX = ".ckpt"
 OUTPUT_PREFIX = f"{CKPT_PREFIX}+"
 PROVENANCE_KEY = "asr_merge"
 _ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default format since torch 1.6
+MAX_META_VALUES = 10_000  # CKPT.yaml holds a handful of values
 
 
 def checkpoint_folders(path: Path) -> list[Path]:
@@ -99,10 +101,16 @@ def read_meta(folder: Path) -> dict[str, Any]:
     meta_path = folder / META_FILE
     try:
         meta = yaml.safe_load(meta_path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as e:
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
         raise CheckpointError(f"{meta_path}: unreadable checkpoint meta ({e})") from None
+    except RecursionError:
+        raise CheckpointError(f"{meta_path}: unreadable checkpoint meta (nested too deeply)") from None
     if not isinstance(meta, dict):
         raise CheckpointError(f"{meta_path}: checkpoint meta must be a mapping, got {type(meta).__name__}")
+    # its values are copied into the merged meta: refuse what a walk cannot finish
+    problem = yaml_tree_problem(meta, MAX_META_VALUES)
+    if problem:
+        raise CheckpointError(f"{meta_path}: checkpoint meta with {problem} is refused")
     return meta
 
 
@@ -121,8 +129,8 @@ def tensor_state_dict(path: Path) -> dict[str, torch.Tensor] | None:
         obj = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except pickle.UnpicklingError:
         return None  # an object only its own class can load: copied, never unpickled here
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: unreadable or corrupt recoverable file ({str(e).splitlines()[0]})") from None
+    except Exception as e:  # a damaged pickle makes the unpickler raise almost anything (KeyError, struct.error...)
+        raise CheckpointError(f"{path}: unreadable or corrupt recoverable file ({first_line(e)})") from None
     if (
         isinstance(obj, Mapping)
         and obj

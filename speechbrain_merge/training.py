@@ -25,13 +25,17 @@ e.g. ``{encoder: ..., decoder: ...}``: each stack is decayed from its own top
 
 from __future__ import annotations
 
+import logging
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from speechbrain.utils.checkpoints import (
+    CKPT_PREFIX,
     DEFAULT_SAVE_HOOKS,
+    Checkpoint,
     Checkpointer,
     get_default_hook,
     mark_as_loader,
@@ -39,10 +43,11 @@ from speechbrain.utils.checkpoints import (
     register_checkpoint_hooks,
     torch_save,
 )
+from speechbrain.utils.distributed import ddp_barrier
 from torch import nn
 from torch.optim import Optimizer
 
-from merge_core.atomic import discard, publish, temp_path
+from merge_core.atomic import discard, publish, sweep_stale, temp_path
 from merge_core.errors import TrainingConfigError
 from merge_core.training.llrd import LLRDSettings
 from merge_core.training.folding import plain_weights
@@ -156,6 +161,59 @@ def write_trajectory_snapshot(
             for key, tensor in module.state_dict().items()
         }
         return write_weights_snapshot(state, Path(snapshot_dir) / snapshot_name(step=step), metadata)
+
+
+class AtomicCheckpointer(Checkpointer):
+    """SpeechBrain's ``Checkpointer`` whose checkpoints appear whole.
+
+    SpeechBrain writes a checkpoint's ``CKPT.yaml`` first, then each recoverable, straight
+    into its ``CKPT+...`` folder: a run killed meanwhile leaves a folder that every resume
+    takes for the latest checkpoint and fails to load (an empty meta file, a truncated
+    ``model.ckpt``). Here SpeechBrain writes the folder inside a hidden sibling
+    (:func:`merge_core.atomic.temp_path`), renamed into place once complete; the sibling of
+    a killed save is swept by the next save. :class:`~speechbrain_merge.brain.MergeableBrain`
+    makes its checkpointer one.
+    """
+
+    _staging: tuple[Path, Path] | None = None  # (hidden sibling, final folder) of the save in progress
+
+    def save_checkpoint(
+        self,
+        meta: Mapping[str, Any] | None = None,
+        end_of_epoch: bool = True,
+        name: str | None = None,
+        verbosity: int = logging.INFO,
+    ) -> Checkpoint | None:
+        self._staging = None
+        try:
+            checkpoint = super().save_checkpoint(dict(meta or {}), end_of_epoch, name, verbosity)
+            ddp_barrier()  # every process has written its part of the staged folder
+            if checkpoint is None:  # not the main process: the main one publishes
+                return None
+            final = self._staging[1]
+            publish(checkpoint.path, final)
+        finally:
+            if self._staging is not None:
+                discard(self._staging[0])
+        return Checkpoint(final, checkpoint.meta, {key: final / path.name for key, path in checkpoint.paramfiles.items()})
+
+    def _new_checkpoint_dirpath(self) -> Path:
+        return self._staged(super()._new_checkpoint_dirpath())
+
+    def _custom_checkpoint_dirpath(self, name: str) -> Path:
+        return self._staged(super()._custom_checkpoint_dirpath(name))
+
+    def _staged(self, final: Path) -> Path:
+        """Where SpeechBrain writes the checkpoint ``final``: under its name, in a new hidden sibling."""
+        # temp_path sweeps only the stale siblings of its own destination, and every
+        # checkpoint has a name of its own: sweep those of the earlier ones here
+        for entry in os.listdir(self.checkpoints_dir):
+            if entry.startswith(f".{CKPT_PREFIX}") and ".tmp-" in entry:
+                sweep_stale(self.checkpoints_dir / entry[1 : entry.index(".tmp-")])
+        staging = temp_path(final)
+        staging.mkdir()
+        self._staging = (staging, final)
+        return staging / final.name
 
 
 def model_recoverables(recoverables: Mapping[str, Any]) -> list[str]:

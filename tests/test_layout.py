@@ -175,6 +175,9 @@ def test_every_command_without_toolkits_works_or_says_which_extra_to_install(tmp
     merge = write(tmp_path / "merge.yaml", f"method: average\nmodels: [{tmp_path}/a.nemo, {tmp_path}/b.nemo]\noutput: {tmp_path}/o.nemo\n")
     soup = write(tmp_path / "soup.yaml", f"method: greedy_soup\nmodels: [{tmp_path}/CKPT+a, {tmp_path}/CKPT+b]\n"
                  f"dev: {{manifest: {tmp_path}/dev.csv}}\noutput: {tmp_path}/CKPT+soup\n")
+    search = write(tmp_path / "search.yaml", f"method: search\nbase_model: {tmp_path}/a.nemo\nmodels: [{tmp_path}/b.nemo]\n"
+                   f"dev: {{sets: {{t: {tmp_path}/dev.json}}, original: {{o: {tmp_path}/dev.json}}}}\n"
+                   f"output: {tmp_path}/s.nemo\n")
     mact = write(tmp_path / "mact.yaml", f"toolkit: nemo\nbase_model: {tmp_path}/a.nemo\ntrain: {{config: x.yaml}}\n"
                  f"output: {tmp_path}/m.nemo\n")
     evaluation = write(tmp_path / "eval.yaml", f"toolkit: speechbrain\nmodels: [{tmp_path}/CKPT+a]\n"
@@ -189,6 +192,7 @@ def test_every_command_without_toolkits_works_or_says_which_extra_to_install(tmp
         "merge": ["merge", str(merge), "-q"],
         "select": ["select", str(soup), "-q"],
         "mact": ["mact", str(mact), "-q"],
+        "search": ["search", str(search), "-q"],
         "eval": ["eval", str(evaluation), "-q"],
         "demo": ["demo", "--smoke", "--toolkit", "nemo", "--out", str(tmp_path / "demo")],
         "methods": ["methods"],
@@ -199,7 +203,7 @@ def test_every_command_without_toolkits_works_or_says_which_extra_to_install(tmp
     done = subprocess.run([sys.executable, "-c", WITHOUT_TOOLKITS, json.dumps(commands)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     results = json.loads(done.stdout)
-    extras = {"merge": "nemo", "select": "speechbrain", "mact": "nemo", "eval": "speechbrain", "demo": "nemo"}
+    extras = {"merge": "nemo", "select": "speechbrain", "mact": "nemo", "search": "nemo", "eval": "speechbrain", "demo": "nemo"}
     for command, extra in extras.items():
         result = results[command]
         assert result["rc"] == 2, (command, result)

@@ -119,6 +119,12 @@ TEMPLATES = [
     ("asr-merge select configs/recipes/example_greedy_soup.yaml", "outputs/greedy_soup.nemo"),
     ("asr-merge mact configs/recipes/example_mact_speechbrain.yaml runs=2 train.overrides.number_of_epochs=1",
      "outputs/mact/CKPT+noisy-sb"),
+    # 4 trials (the 3 fixed recipes and one drawn); one-epoch experts on 12 utterances may keep no trial
+    # within 1 %: the least-forgetting one is written then
+    ("asr-merge search configs/recipes/example_search_nemo.yaml trials=4 if_infeasible=least_forgetting",
+     "outputs/search.nemo"),
+    ("asr-merge search configs/recipes/example_search_speechbrain.yaml trials=4 if_infeasible=least_forgetting",
+     "results/merged/CKPT+search"),
 ]
 
 

@@ -21,6 +21,7 @@ from merge_core.recipes import run_recipe
 from merge_core.recipes.config import load_yaml_config
 from merge_core.recipes.greedy_soup import METHOD as GREEDY_SOUP
 from merge_core.recipes.mact import METHOD as MACT
+from merge_core.recipes.search import METHOD as SEARCH
 from merge_core.registry import available_methods, get_method, recipe_kinds
 
 
@@ -123,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="asr-merge", description="Merge ASR checkpoints without forgetting.")
     sub = parser.add_subparsers(dest="command", required=True)
     _recipe_command(sub, "merge", None, "run a merge recipe of any kind",
-                    "Run a merge recipe (YAML): a per-tensor method, greedy_soup, mam or mact.",
+                    "Run a merge recipe (YAML): a per-tensor method, greedy_soup, mam, mact or search.",
                     "parameters.density=0.3 models.0.weight=2")
     _recipe_command(sub, "select", GREEDY_SOUP,
                     "greedy selective merging (SMAcT): keep a candidate only if the soup's dev WER drops",
@@ -138,6 +139,14 @@ def build_parser() -> argparse.ArgumentParser:
                     "run's best dev-WER model, and average them (merge: average) or greedily select them on a dev "
                     "set (merge: greedy_soup).",
                     "runs=6 merge=greedy_soup")
+    _recipe_command(sub, "search", SEARCH,
+                    "the best merge under a forgetting budget: Optuna over methods, weights, lambda, density",
+                    "Run a 'method: search' recipe: draw merges of the experts (method, per-expert weights, lambda, "
+                    "density, the original's weight) with Optuna, score each in memory on the target domains' and "
+                    "the original domain's dev sets, and write the one of lowest mean target dev WER whose forgetting "
+                    "stays within max_forgetting_pct, with the trial log and the Pareto plot. The study is stored "
+                    "(SQLite by default): a rerun resumes it.",
+                    "trials=60 max_forgetting_pct=0.5 sampler=nsga2")
     p = sub.add_parser("eval", help="evaluate models and forgetting on test manifests", description="Evaluate WER per test set and forgetting (report.json, report.md, report.png).")
     p.add_argument("config", help="evaluation config YAML (e.g. configs/nemo/eval.yaml)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. models.1.model=merged.nemo")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import shutil
 import struct
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO, Mapping
 
 import torch
@@ -53,7 +53,10 @@ def _open(path: Path) -> Any:
 
 
 def _spec(handle: Any, name: str, path: Path) -> TensorSpec:
-    view = handle.get_slice(name)
+    try:
+        view = handle.get_slice(name)
+    except Exception as e:  # a shard the index names for a tensor it does not hold
+        raise CheckpointError(f"{path}: cannot read tensor {name!r} ({e})") from None
     dtype = view.get_dtype()
     if dtype not in DTYPES:
         raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {dtype}")
@@ -67,6 +70,8 @@ class SafetensorsReader(CheckpointReader):
         super().__init__(path)
         self._handle = _open(self.path)
         self._keys = list(self._handle.keys())
+        if not self._keys:
+            raise CheckpointError(f"{self.path}: safetensors file holds no tensors")
         self.metadata: dict[str, str] = self._handle.metadata() or {}
 
     def keys(self) -> list[str]:
@@ -85,6 +90,12 @@ class SafetensorsReader(CheckpointReader):
         self._handle = None
 
 
+def _inside(shard: str) -> bool:
+    """Whether an index's shard name stays inside the index's folder (no absolute path, no '..')."""
+    parts = PurePosixPath(shard).parts
+    return bool(parts) and not PurePosixPath(shard).is_absolute() and ".." not in parts
+
+
 class ShardedSafetensorsReader(CheckpointReader):
     """A folder (or its index file) of safetensors shards named by a weight map."""
 
@@ -98,8 +109,13 @@ class ShardedSafetensorsReader(CheckpointReader):
             weight_map: dict[str, str] = self.index["weight_map"]
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointError(f"{index}: 'weight_map' must map tensor names to shard files, got {weight_map!r:.80}")
         self._shard_of = weight_map
         self._handles: dict[str, Any] = {}
+        for shard in weight_map.values():
+            if not isinstance(shard, str) or not _inside(shard):
+                raise CheckpointError(f"{index}: shard {shard!r} is not a file name inside {self.path}")
         for shard in dict.fromkeys(weight_map.values()):
             if not (self.path / shard).is_file():
                 raise CheckpointError(f"{index}: shard {shard!r} is missing")
@@ -200,12 +216,19 @@ class _StreamingFile:
     def _rewrite_with_header(self, header: Mapping[str, Any]) -> None:
         # provenance outgrew the reserved space: copy the data behind a larger header
         self._f.close()
-        bigger = temp_path(self.path)
-        with open(self.path, "rb") as src, open(bigger, "wb") as dst:
-            dst.write(_encoded_header(header))
-            src.seek(8 + self.header_size)
-            shutil.copyfileobj(src, dst, 16 << 20)
-        publish(bigger, self.path)
+        # self.path is a temporary (or inside one): a temp_path of it would be a temporary of
+        # a temporary, which no sweep matches; a suffix keeps the name a temporary of the
+        # same destination, swept with it if the process dies
+        bigger = self.path.with_name(f"{self.path.name}.header")
+        try:
+            with open(self.path, "rb") as src, open(bigger, "wb") as dst:
+                dst.write(_encoded_header(header))
+                src.seek(8 + self.header_size)
+                shutil.copyfileobj(src, dst, 16 << 20)
+            publish(bigger, self.path)
+        except BaseException:
+            discard(bigger)
+            raise
 
     def close(self) -> None:
         if not self._f.closed:
@@ -220,7 +243,12 @@ def alignment_order(specs: Mapping[str, TensorSpec]) -> dict[str, TensorSpec]:
 
 class SafetensorsWriter(CheckpointWriter):
     """Writes one ``.safetensors`` file, or, for an output folder, shards of at most
-    ``shard_size`` bytes (one shard when unset) and a ``model.safetensors.index.json``."""
+    ``shard_size`` bytes (one shard when unset) and a ``model.safetensors.index.json``.
+
+    ``in_place``: ``path`` is a file that is itself a temporary of the caller's (made by
+    :func:`merge_core.atomic.temp_path`), written directly. A temporary of a temporary
+    (``..out.tmp-...tmp-...``) would match no destination's sweep, so a killed run would
+    leave it for good."""
 
     def __init__(
         self,
@@ -230,12 +258,15 @@ class SafetensorsWriter(CheckpointWriter):
         *,
         shard_size: int | None = None,
         provenance_reserve: int = 1 << 16,
+        in_place: bool = False,
     ) -> None:
         super().__init__(path, alignment_order(specs), base)
         sharded = self.path.suffix != ".safetensors"
         if shard_size is not None and not sharded:
             raise CheckpointError(f"{path}: shard_size needs a folder as output, not a .safetensors file")
-        self._tmp = temp_path(self.path)
+        if in_place and sharded:
+            raise CheckpointError(f"{path}: only a .safetensors file is written in place")
+        self._tmp = self.path if in_place else temp_path(self.path)
         self._files: list[_StreamingFile] = []
         self._shard_of: dict[str, int] = {}
         if not sharded:
@@ -258,7 +289,8 @@ class SafetensorsWriter(CheckpointWriter):
         record = json.dumps(provenance, sort_keys=True)
         if len(self._files) == 1 and not self._tmp.is_dir():
             self._files[0].finish({"format": "pt", PROVENANCE_KEY: record})
-            publish(self._tmp, self.path)
+            if self._tmp != self.path:
+                publish(self._tmp, self.path)
             return [self.path]
         for f in self._files:
             f.finish({"format": "pt"})

@@ -40,14 +40,29 @@ def load_weights_only(path: Path) -> Any:
         warnings.warn(f"{path}: legacy torch serialization, loading it into memory", stacklevel=2)
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
-        what = f"it holds a {found.group(1)} object" if found else str(e).splitlines()[0]
+        found = re.search(r"GLOBAL (\S+)", str(e))
+        if not found:
+            raise CheckpointError(f"{path}: unreadable or corrupt torch checkpoint ({unpickling_detail(e)})") from None
         raise CheckpointError(
-            f"{path}: not a weights-only checkpoint ({what}); refusing to unpickle arbitrary objects. "
-            "Re-save its tensors as a state dict or .safetensors."
+            f"{path}: not a weights-only checkpoint (it holds a {found.group(1)} object); refusing to unpickle "
+            "arbitrary objects. Re-save its tensors as a state dict or .safetensors."
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: unreadable or corrupt torch checkpoint ({str(e).splitlines()[0]})") from None
+    except Exception as e:  # a damaged pickle makes the unpickler raise almost anything (KeyError, struct.error...)
+        raise CheckpointError(f"{path}: unreadable or corrupt torch checkpoint ({first_line(e)})") from None
+
+
+def first_line(error: BaseException) -> str:
+    """An exception's first line of text, or its type when it has none."""
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
+def unpickling_detail(error: pickle.UnpicklingError) -> str:
+    """What a weights-only load refused, without torch's paragraphs about ``weights_only``."""
+    paragraphs = [p.strip() for p in str(error).split("\n\n") if p.strip()]
+    if len(paragraphs) > 1 and paragraphs[0].startswith("Weights only load failed"):
+        return first_line(Exception(paragraphs[1]))
+    return first_line(error)
 
 
 def _state_dict_of(obj: Any, path: Path) -> tuple[dict[str, torch.Tensor], bool]:
@@ -58,6 +73,8 @@ def _state_dict_of(obj: Any, path: Path) -> tuple[dict[str, torch.Tensor], bool]
     if not isinstance(state, Mapping) or not state:
         raise CheckpointError(f"{path}: holds no state dict (expected a mapping of tensor names to tensors)")
     for name, value in state.items():
+        if not isinstance(name, str):  # the engine matches names against glob patterns
+            raise CheckpointError(f"{path}: tensor name {name!r} is a {type(name).__name__}, not a string")
         if not isinstance(value, torch.Tensor):
             where = "state_dict entry" if lightning else "entry"
             raise CheckpointError(f"{path}: {where} {name!r} is a {type(value).__name__}, not a tensor")
@@ -94,9 +111,12 @@ def save_staged_state_dict(
 ) -> None:
     """``torch.save`` the tensors of a staged safetensors file, read from its memory
     map so they never become private memory; ``wrap`` builds the saved object."""
-    with safe_open(str(staged), framework="pt") as f:
+    with safe_open(str(staged), framework="pt") as f, open(dest, "wb") as out:
         state = {name: f.get_tensor(name) for name in names}
-        torch.save(wrap(state) if wrap else state, dest)
+        # to a file object, not a path: torch names the zip's records after the file (here a
+        # temporary, with host, pid and random digits), those of a file object "archive/",
+        # so the same merge gives the same bytes on every run
+        torch.save(wrap(state) if wrap else state, out)
 
 
 class StagedWriter(CheckpointWriter):
@@ -111,7 +131,7 @@ class StagedWriter(CheckpointWriter):
         if options.get("shard_size"):
             raise CheckpointError(f"{path}: shard_size applies to safetensors output folders, not {self.describes}")
         super().__init__(path, specs, base)
-        self._staging = SafetensorsWriter(temp_path(self.path, ".safetensors"), specs, base)
+        self._staging = SafetensorsWriter(temp_path(self.path, ".safetensors"), specs, base, in_place=True)
         self._tmp = temp_path(self.path)
 
     @property

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import csv
 import json
+import math
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Mapping
 
 from merge_core.errors import ManifestError
 
@@ -44,6 +46,8 @@ def read_nemo_manifest(path: str | Path) -> list[Utterance]:
         lines = path.read_text(encoding="utf-8").splitlines()
     except OSError as e:
         raise ManifestError(f"{path}: cannot read manifest ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise ManifestError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     utterances = []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
@@ -55,13 +59,17 @@ def read_nemo_manifest(path: str | Path) -> list[Utterance]:
         missing = [k for k in ("audio_filepath", "text") if not isinstance(entry, dict) or k not in entry]
         if missing:
             raise ManifestError(f"{path}:{number}: entry lacks {', '.join(repr(k) for k in missing)}")
+        wrong = [k for k in ("audio_filepath", "text") if not isinstance(entry[k], str)] or (
+            ["audio_filepath"] if not entry["audio_filepath"] else []
+        )
+        if wrong:
+            raise ManifestError(f"{path}:{number}: {wrong[0]!r} must be a non-empty string, got {entry[wrong[0]]!r}")
         audio = Path(entry["audio_filepath"])
-        duration = entry.get("duration")
         utterances.append(
             Utterance(
                 audio=audio if audio.is_absolute() else path.parent / audio,
-                text=str(entry["text"]),
-                duration=None if duration is None else float(duration),
+                text=entry["text"],
+                duration=_duration(entry.get("duration"), f"{path}:{number}"),
             )
         )
     if not utterances:
@@ -84,17 +92,37 @@ def _replace_placeholders(value: str, replacements: Mapping[str, str], where: st
     return _PLACEHOLDER.sub(replace, value)
 
 
+def _duration(value: Any, where: str) -> float | None:
+    """A duration in seconds (a number, or its text in a CSV) that is finite and >= 0; None when absent."""
+    if value is None:
+        return None
+    try:
+        seconds = float(value) if isinstance(value, (int, float, str)) and not isinstance(value, bool) else math.nan
+    except ValueError:
+        seconds = math.nan
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ManifestError(f"{where}: duration {value!r} is not a number of seconds >= 0")
+    return seconds
+
+
+def _escapes(path: str, root: str) -> bool:
+    """Whether ``path``, once its '..' are resolved, lies outside ``root`` (both taken as written)."""
+    inside = os.path.relpath(os.path.normpath(path), os.path.normpath(root))
+    return inside == os.pardir or inside.startswith(os.pardir + os.sep)
+
+
 def _csv_utterance(row: dict, replacements: Mapping[str, str], where: str) -> Utterance:
     # DictReader pads a short row with None and files a long row's surplus under None
     if None in row or None in row.values():
         raise ManifestError(f"{where}: row does not have one field per column of the header")
-    try:
-        duration = float(row["duration"]) if row.get("duration") else None
-    except ValueError:
-        raise ManifestError(f"{where}: duration {row['duration']!r} is not a number") from None
-    audio = Path(_replace_placeholders(row["wav"], replacements, where))
+    duration = _duration(row.get("duration") or None, where)
+    wav = _replace_placeholders(row["wav"], replacements, where)
+    # a row under a root placeholder ($data_root/...) must stay under that root
+    root = _PLACEHOLDER.match(row["wav"])
+    if root and _escapes(wav, str(replacements[root[1]])):
+        raise ManifestError(f"{where}: wav {row['wav']!r} leaves ${root[1]} ({replacements[root[1]]}) through '..'")
     return Utterance(
-        audio=audio.absolute(), text=_replace_placeholders(row["wrd"], replacements, where), duration=duration
+        audio=Path(wav).absolute(), text=_replace_placeholders(row["wrd"], replacements, where), duration=duration
     )
 
 

@@ -30,8 +30,9 @@ import shutil
 import sys
 import tempfile
 from dataclasses import dataclass, field
+from os import PathLike
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
@@ -89,20 +90,34 @@ class EvalConfig:
     def from_mapping(cls, raw: Mapping[str, Any] | DictConfig) -> "EvalConfig":
         if isinstance(raw, DictConfig):
             raw = OmegaConf.to_container(raw, resolve=True)
+        if not isinstance(raw, Mapping):
+            raise EvaluationError(f"an evaluation config must be a mapping of keys, got {type(raw).__name__}")
         known = {f for f in cls.__dataclass_fields__}
-        unknown = sorted(set(raw) - known)
+        unknown = sorted(map(str, set(raw) - known))
         if unknown:
             raise EvaluationError(f"unknown evaluation key(s) {unknown}; known keys: {sorted(known)}")
-        models = tuple(_model_spec(i, m) for i, m in enumerate(raw.get("models") or []))
+        listed = raw.get("models") or []
+        if not isinstance(listed, (list, tuple)):
+            raise EvaluationError(f"evaluation key 'models' must be a list of models, got {listed!r}")
+        models = tuple(_model_spec(i, m) for i, m in enumerate(listed))
         if not models:
             raise EvaluationError("evaluation key 'models' must list at least one model")
         names = [m.name for m in models]
         if len(set(names)) != len(names):
             raise EvaluationError(f"model names must be unique, got {names}")
-        manifests = dict(raw.get("manifests") or {})
+        manifests = raw.get("manifests") or {}
+        named = isinstance(manifests, Mapping) and all(isinstance(k, str) and _is_path(v) for k, v in manifests.items())
+        if not named:
+            raise EvaluationError(
+                f"evaluation key 'manifests' must map test set names to manifest paths, got {manifests!r}"
+            )
         if not manifests:
             raise EvaluationError("evaluation key 'manifests' must name at least one test set")
-        forgetting = tuple(raw.get("forgetting_sets") or DEFAULT_FORGETTING_SETS)
+        forgetting = raw.get("forgetting_sets") or DEFAULT_FORGETTING_SETS
+        if not isinstance(forgetting, (list, tuple)) or not all(isinstance(s, str) for s in forgetting):
+            raise EvaluationError(
+                f"evaluation key 'forgetting_sets' must be a list of test set names, got {forgetting!r}"
+            )
         absent = [s for s in forgetting if s not in manifests]
         if absent:
             raise EvaluationError(f"forgetting set(s) {absent} have no entry in 'manifests' ({sorted(manifests)})")
@@ -112,15 +127,43 @@ class EvalConfig:
             raise EvaluationError(f"reference_model {reference!r} is not one of the models {names}")
         if "max_duration" in raw:
             options["max_duration"] = _max_duration(raw["max_duration"])
-        options |= {k: raw[k] for k in ("batch_size", "num_workers", "max_utterances", "device", "decoding", "output_dir", "cache", "cache_dir", "toolkit") if raw.get(k) is not None}
+        for key, (what, valid) in _OPTIONS.items():
+            if raw.get(key) is not None and not valid(raw[key]):
+                raise EvaluationError(f"evaluation key {key!r} must be {what}, got {raw[key]!r}")
+        options |= {k: raw[k] for k in _OPTIONS if raw.get(k) is not None}
+        normalization = raw.get("normalization")
+        if normalization is not None and not isinstance(normalization, Mapping):
+            raise EvaluationError(f"evaluation key 'normalization' must be a mapping, got {normalization!r}")
         return cls(
             models=models,
-            manifests=manifests,
+            manifests=dict(manifests),
             reference_model=reference,
-            forgetting_sets=forgetting,
-            normalization=TextNormalization.from_mapping(raw.get("normalization")),
+            forgetting_sets=tuple(forgetting),
+            normalization=TextNormalization.from_mapping(normalization),
             **options,
         )
+
+
+def _is_path(value: Any) -> bool:
+    return isinstance(value, (str, PathLike)) and str(value) != ""
+
+
+def _is_count(value: Any, least: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
+# the evaluation's options: what each must be (for the message) and its check
+_OPTIONS: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    "batch_size": ("an integer >= 1", lambda v: _is_count(v, 1)),
+    "num_workers": ("an integer >= 0", lambda v: _is_count(v, 0)),
+    "max_utterances": ("an integer >= 1, or null for every utterance", lambda v: _is_count(v, 1)),
+    "device": ("a device name such as auto, cpu or cuda", lambda v: isinstance(v, str) and v != ""),
+    "decoding": ("a mapping of decoding settings", lambda v: isinstance(v, Mapping)),
+    "output_dir": ("a folder path", _is_path),
+    "cache": ("true or false", lambda v: isinstance(v, bool)),
+    "cache_dir": ("a folder path, or null for the default", _is_path),
+    "toolkit": ("a toolkit name such as nemo or speechbrain", lambda v: isinstance(v, str) and v != ""),
+}
 
 
 def _max_duration(value: Any) -> float | None:
@@ -136,9 +179,13 @@ def _model_spec(i: int, raw: Any) -> ModelSpec:
         raw = {"model": raw}
     if not isinstance(raw, Mapping) or bool(raw.get("model")) == bool(raw.get("pretrained_name")):
         raise EvaluationError(f"models[{i}] needs exactly one of 'model' (a path) or 'pretrained_name', got {raw!r}")
-    extra = sorted(set(raw) - {"name", "model", "pretrained_name"})
+    extra = sorted(map(str, set(raw) - {"name", "model", "pretrained_name"}))
     if extra:
         raise EvaluationError(f"models[{i}] has unknown key(s) {extra}")
+    wrong = [k for k in ("model", "pretrained_name") if raw.get(k) and not _is_path(raw[k])]
+    if wrong or isinstance(raw.get("name"), (bool, Mapping, list, tuple)):
+        key = wrong[0] if wrong else "name"
+        raise EvaluationError(f"models[{i}].{key} must be a string, got {raw[key]!r}")
     source = raw.get("model") or raw["pretrained_name"]
     name = raw.get("name") or Path(str(source)).stem
     return ModelSpec(name=str(name), model=raw.get("model"), pretrained_name=raw.get("pretrained_name"))

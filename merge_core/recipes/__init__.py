@@ -84,4 +84,4 @@ def run_recipe(source: Source, overrides: Sequence[str] = (), *, method: str | N
 
 
 # the built-in recipe kinds register themselves, in the order `asr-merge methods` lists them
-from merge_core.recipes import mam, greedy_soup, mact  # noqa: E402,F401
+from merge_core.recipes import mam, greedy_soup, mact, search  # noqa: E402,F401

@@ -38,7 +38,7 @@ import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Protocol, Sequence
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -50,10 +50,11 @@ from merge_core.engine import MERGE, Inputs, MergeResult, check_finite, compute_
 from merge_core.errors import EvaluationError, RecipeError
 from merge_core.evaluation.manifests import Utterance
 from merge_core.evaluation.text import TextNormalization
+from merge_core.evaluation.wer import WerStats
 from merge_core.plugins import toolkits
 from merge_core.recipes.config import load_yaml_config
 from merge_core.recipes.merge import Recipe
-from merge_core.recipes.validate import choice, integer
+from merge_core.recipes.validate import choice, integer, pathname
 from merge_core.registry import recipe_kind
 from merge_core.selection import ORDERS, Evaluate, RunningSoup, Selection, StateDict, Trial, select
 
@@ -126,8 +127,8 @@ class DevSet:
         except EvaluationError as e:
             raise RecipeError(f"dev: {e}") from None
         return cls(
-            manifest=Path(common["manifest"]),
-            log=Path(common.get("log") or f"{output}.trials.json"),
+            manifest=Path(pathname("dev.manifest", common["manifest"])),
+            log=Path(pathname("dev.log", common["log"]) if common.get("log") else f"{output}.trials.json"),
             max_utterances=max_utterances,
             subset=choice(*SUBSETS)("dev.subset", common.get("subset", "first")),
             seed=integer("dev.seed", common.get("seed", 0)),
@@ -206,22 +207,37 @@ def load_soup_recipe(path: str | Path, overrides: Sequence[str] = ()) -> SoupRec
 # dev evaluators: one per checkpoint kind, registered by the adapters
 
 
-# (template reader, dev set) -> evaluate(state_dict) -> WER as a fraction
-EvaluatorFactory = Callable[[CheckpointReader, DevSet], Evaluate]
+class DevEvaluator(Protocol):
+    """What a toolkit's dev evaluator offers: a model restored once from the template,
+    scored on one dev subset with each trial's weights."""
+
+    def __call__(self, state: StateDict) -> float:
+        """The dev WER (a fraction) with ``state``'s weights loaded."""
+
+    def stats(self, state: StateDict) -> WerStats:
+        """The edit counts behind that WER (pooled exactly across sets by summing them)."""
 
 
-def dev_evaluator(template: CheckpointReader, dev: DevSet) -> Evaluate:
-    """The dev evaluator of the toolkit whose plugin scores the template's checkpoint kind."""
+# (template reader, dev set, shared=None) -> DevEvaluator; ``shared``: an evaluator of the
+# same factory whose restored model the new one uses (several dev sets, one model)
+EvaluatorFactory = Callable[..., DevEvaluator]
+
+
+def dev_evaluator(
+    template: CheckpointReader, dev: DevSet, shared: DevEvaluator | None = None, *, purpose: str = METHOD
+) -> DevEvaluator:
+    """The dev evaluator of the toolkit whose plugin scores the template's checkpoint kind
+    (``shared``: another of its evaluators, whose restored model it reuses)."""
     for plugin in toolkits().values():
         if template.kind in plugin.dev_evaluators:
-            factory: EvaluatorFactory = plugin.load(plugin.dev_evaluators[template.kind], f"{METHOD}'s dev evaluation")
-            return factory(template, dev)
+            factory: EvaluatorFactory = plugin.load(plugin.dev_evaluators[template.kind], f"{purpose}'s dev evaluation")
+            return factory(template, dev) if shared is None else factory(template, dev, shared=shared)
     scored = [kind for plugin in toolkits().values() for kind in plugin.dev_evaluators]
     describes = {k.name: k.describes for k in kinds()}
     wanted = " or ".join(describes.get(k, k) for k in scored) or "a checkpoint of an installed toolkit"
     known = ", ".join(scored) or "none: install a toolkit's extra, e.g. pip install 'asr-merge[nemo]'"
     raise RecipeError(
-        f"{template.path}: {METHOD} evaluates the template's model, and no dev evaluator knows checkpoint kind "
+        f"{template.path}: {purpose} evaluates the template's model, and no dev evaluator knows checkpoint kind "
         f"{template.kind!r} (known: {known}); give 'base_model' {wanted}"
     )
 
@@ -326,9 +342,9 @@ def run_greedy_soup(recipe: SoupRecipe, *, progress: bool = True) -> MergeResult
     start = time.perf_counter()
     candidates = recipe.candidates
     output = Path(candidates.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
     with open_inputs(candidates) as inputs:
         evaluate = dev_evaluator(inputs.template, recipe.dev)
+        output.parent.mkdir(parents=True, exist_ok=True)  # only once the inputs are known good
         actions = plan_actions(candidates, inputs.template)
         soup, merged = template_soup(actions, inputs.template)
         names = [m.model for m in candidates.models]

@@ -50,7 +50,7 @@ from merge_core.recipes.config import load_yaml_config
 from merge_core.recipes.greedy_soup import METHOD as SOUP_METHOD
 from merge_core.recipes.greedy_soup import SoupRecipe, run_greedy_soup
 from merge_core.recipes.merge import Recipe
-from merge_core.recipes.validate import integer
+from merge_core.recipes.validate import integer, pathname
 from merge_core.registry import recipe_kind
 
 # Ducorroy and Riad's ranges: the learning rate as a factor of the training config's
@@ -119,12 +119,16 @@ class MactRecipe:
             raise RecipeError(f"recipe key(s) {missing} missing")
         unknown = set(raw) - set(cls.__dataclass_fields__)
         if unknown:
-            raise RecipeError(f"unknown recipe key(s) {sorted(unknown)}; known: {', '.join(cls.__dataclass_fields__)}")
+            known = ", ".join(cls.__dataclass_fields__)
+            raise RecipeError(f"unknown recipe key(s) {sorted(map(str, unknown))}; known: {known}")
+        paths = {key: pathname(key, raw[key]) for key in ("base_model", "output", "work_dir") if raw.get(key)}
+        if raw.get("dev") and not isinstance(raw["dev"], Mapping):
+            raise RecipeError(f"recipe key 'dev' must be a mapping (at least 'manifest'), got {raw['dev']!r}")
         try:
             toolkit(str(raw["toolkit"]))
         except ToolkitUnavailableError as e:
             raise RecipeError(f"recipe key 'toolkit': {e}") from None
-        if not Path(raw["base_model"]).exists():
+        if not Path(paths["base_model"]).exists():
             raise RecipeError(f"base_model: {raw['base_model']} does not exist")
         runs = integer("runs", raw.get("runs", 4))
         if runs < 1:
@@ -138,15 +142,15 @@ class MactRecipe:
             raise RecipeError(f"recipe key 'train' must be a mapping, got {raw['train']!r}")
         return cls(
             toolkit=raw["toolkit"],
-            base_model=str(raw["base_model"]),
+            base_model=paths["base_model"],
             runs=runs,
             seed=integer("seed", raw.get("seed", 0)),
             ranges=_ranges(raw.get("ranges", dict(RANGES))),
             train=dict(raw["train"]),
             merge=how,
             dev=dict(raw["dev"]) if raw.get("dev") else None,
-            work_dir=Path(raw.get("work_dir") or Path(raw["output"]).parent / "mact_runs"),
-            output=str(raw["output"]),
+            work_dir=Path(paths.get("work_dir") or Path(paths["output"]).parent / "mact_runs"),
+            output=paths["output"],
         )
 
     def run(self, *, progress: bool = True) -> MergeResult:

@@ -41,7 +41,7 @@ from merge_core.engine import MergeResult, write_stream
 from merge_core.errors import RecipeError, TensorMismatchError
 from merge_core.attention.interpolation import BASELINES, interpolate
 from merge_core.attention.name_map import MappedTensor, map_tensors, resolve_name_map
-from merge_core.recipes.validate import choice, integer, known_keys, unit_interval
+from merge_core.recipes.validate import choice, integer, known_keys, pathname, unit_interval
 from merge_core.registry import recipe_kind
 
 METHOD = "mam"
@@ -74,7 +74,7 @@ _PARAMETER_CHECKS = {"lambda": _lambda, "baseline": choice(*BASELINES), "seed": 
 def _parameters(raw: Any) -> dict[str, Any]:
     if not isinstance(raw, Mapping):
         raise RecipeError(f"parameters must be a mapping, got {raw!r}")
-    unknown = sorted(set(raw) - set(DEFAULTS))
+    unknown = sorted(map(str, set(raw) - set(DEFAULTS)))
     if unknown:
         raise RecipeError(f"parameters: method 'mam' takes no parameter(s) {unknown}; it accepts: {', '.join(DEFAULTS)}")
     return {**DEFAULTS, **{key: _PARAMETER_CHECKS[key](key, value) for key, value in raw.items()}}
@@ -126,10 +126,10 @@ class MamRecipe:
         if not isinstance(hash_inputs, bool):
             raise RecipeError(f"recipe key 'hash_inputs' must be true or false, got {hash_inputs!r}")
         recipe = cls(
-            target_model=str(raw["target_model"]),
-            source_model=str(raw["source_model"]),
+            target_model=pathname("target_model", raw["target_model"]),
+            source_model=pathname("source_model", raw["source_model"]),
             name_map=raw["name_map"],
-            output=str(raw["output"]),
+            output=pathname("output", raw["output"]),
             layers=_layers(raw.get("layers")),
             parameters=_parameters(raw.get("parameters") or {}),
             hash_inputs=hash_inputs,
@@ -238,9 +238,9 @@ def run_mam(recipe: MamRecipe) -> MergeResult:
     its provenance. On any error nothing is left at ``output``."""
     start = time.perf_counter()
     output = Path(recipe.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
     with open_mam_inputs(recipe) as inputs:
         tensors = _tensor_record(inputs)
+        output.parent.mkdir(parents=True, exist_ok=True)  # only once the inputs are known good
         files, record = write_stream(
             output,
             recipe.to_dict(),

@@ -29,7 +29,17 @@ from omegaconf import DictConfig, OmegaConf
 
 from merge_core.errors import RecipeError
 from merge_core.recipes.config import load_yaml_config
-from merge_core.recipes.validate import choice, density, flag, integer, known_keys, number, unit_interval, weight
+from merge_core.recipes.validate import (
+    choice,
+    density,
+    flag,
+    integer,
+    known_keys,
+    number,
+    pathname,
+    unit_interval,
+    weight,
+)
 from merge_core.registry import MergeMethod, get_method
 
 if TYPE_CHECKING:
@@ -139,8 +149,8 @@ class Recipe:
         recipe = cls(
             method=method.name,
             models=_model_entries(raw["models"]),
-            output=str(raw["output"]),
-            base_model=None if raw.get("base_model") is None else str(raw["base_model"]),
+            output=pathname("output", raw["output"]),
+            base_model=None if raw.get("base_model") is None else pathname("base_model", raw["base_model"]),
             include_base=flag(raw, "include_base"),
             base_weight=weight("base_weight", raw.get("base_weight", 1.0)),
             parameters=_checked_parameters(method, raw.get("parameters") or {}, "parameters"),
@@ -184,14 +194,15 @@ def _model_entries(raw: Any) -> tuple[ModelEntry, ...]:
         extra = sorted(set(item) - {"model", "weight"})
         if extra:
             raise RecipeError(f"models[{i}] has unknown key(s) {extra}; allowed: model, weight")
-        entries.append(ModelEntry(str(item["model"]), weight(f"models[{i}].weight", item.get("weight", 1.0))))
+        model = pathname(f"models[{i}].model", item["model"])
+        entries.append(ModelEntry(model, weight(f"models[{i}].weight", item.get("weight", 1.0))))
     return tuple(entries)
 
 
 def _checked_parameters(method: MergeMethod, raw: Any, where: str) -> dict[str, Any]:
     if not isinstance(raw, Mapping):
         raise RecipeError(f"{where} must be a mapping, got {raw!r}")
-    unknown = sorted(set(raw) - set(method.defaults))
+    unknown = sorted(map(str, set(raw) - set(method.defaults)))
     if unknown:
         accepted = ", ".join(sorted(method.defaults)) or "none"
         raise RecipeError(f"{where}: method {method.name!r} takes no parameter(s) {unknown}; it accepts: {accepted}")
@@ -204,12 +215,14 @@ def _patterns(raw: Mapping[str, Any], key: str, default: tuple[str, ...]) -> tup
         return default
     if isinstance(value, str):
         value = [value]
-    if not all(isinstance(p, str) for p in value):
+    if not isinstance(value, (list, tuple)) or not all(isinstance(p, str) for p in value):
         raise RecipeError(f"recipe key {key!r} must be a list of glob patterns, got {value!r}")
     return tuple(value)
 
 
 def _overrides(method: MergeMethod, raw: Any) -> tuple[Override, ...]:
+    if not isinstance(raw, (list, tuple)):
+        raise RecipeError(f"recipe key 'overrides' must be a list of {{pattern, parameters}} entries, got {raw!r}")
     out = []
     for i, item in enumerate(raw):
         if not isinstance(item, Mapping) or not isinstance(item.get("pattern"), str):
@@ -235,7 +248,7 @@ def _size(value: Any) -> int | None:
     unit = text[len(number) :]
     try:
         size = int(float(number) * _SIZE_UNITS[unit])
-    except (ValueError, KeyError):
+    except (ValueError, KeyError, OverflowError):  # OverflowError: inf
         raise RecipeError(f"shard_size must be a byte count such as 268435456 or '256MiB', got {value!r}") from None
     if size <= 0:
         raise RecipeError(f"shard_size must be positive, got {value!r}")

@@ -11,6 +11,7 @@ naming the key.
 from __future__ import annotations
 
 import math
+import os
 from typing import Any, Callable, Mapping
 
 from merge_core.errors import RecipeError
@@ -74,8 +75,15 @@ def weight(key: str, value: Any) -> float:
     return float(value)
 
 
+def pathname(key: str, value: Any) -> str:
+    """A file or folder path: a non-empty string (or path object)."""
+    if not isinstance(value, (str, os.PathLike)) or not str(value):
+        raise RecipeError(f"recipe key {key!r} must be a path, got {value!r}")
+    return str(value)
+
+
 def known_keys(raw: Mapping[str, Any], known: set[str] | frozenset[str], what: str = "recipe") -> None:
     """Refuse keys outside ``known``, listing the known ones."""
-    unknown = sorted(set(raw) - set(known))
+    unknown = sorted(map(str, set(raw) - set(known)))  # YAML keys may be numbers too
     if unknown:
         raise RecipeError(f"unknown {what} key(s) {unknown}; known keys: {sorted(known)}")

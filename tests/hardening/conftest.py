@@ -22,3 +22,6 @@ settings.register_profile(
     print_blob=True,
 )
 settings.load_profile("asr-merge")
+
+# the real tiny NeMo model and speech of tests/nemo_merge, for the races and the full disk
+from tests.nemo_merge.conftest import nemo_audio_manifest, tiny_nemo_base, tiny_tokenizer_dir  # noqa: E402, F401

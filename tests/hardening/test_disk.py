@@ -19,7 +19,6 @@ import yaml
 from safetensors.torch import save_file
 
 from merge_core.app.cli import main
-from tests.nemo_merge.conftest import nemo_audio_manifest, tiny_nemo_base, tiny_tokenizer_dir  # noqa: F401  (fixtures)
 
 PAGE = 4096
 

@@ -86,7 +86,7 @@ def test_cli_lists_methods():
     done = subprocess.run([ASR_MERGE, "methods"], capture_output=True, text=True)
     assert done.returncode == 0
     assert [line.split()[0] for line in done.stdout.splitlines()] == [
-        "average", "dare_linear", "dare_ties", "extreme", "slerp", "task_arithmetic", "ties", "mam", "greedy_soup"
+        "average", "dare_linear", "dare_ties", "extreme", "slerp", "task_arithmetic", "ties", "mam", "greedy_soup", "search"
     ]
 
 

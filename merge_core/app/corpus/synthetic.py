@@ -9,10 +9,12 @@ Output, under ``out_dir``::
     utterances.jsonl                           every utterance: text, voice, style, effects, duration
     corpus.json                                domains, splits, counts, hours, seed and size
 
-Each audio file is rendered in a scratch folder and renamed into place, so a file that
-exists is whole: an interrupted build resumes where it stopped and a finished one is
-not redone. Transcripts, ``utterances.jsonl`` and ``corpus.json`` are written (atomically)
-once all audio exists, ``corpus.json`` last: its presence marks a complete corpus.
+Each audio file is rendered in a hidden scratch folder (a temporary of
+:mod:`merge_core.atomic`, swept by the next build if the process dies) and renamed into
+place, so a file that exists is whole: an interrupted build resumes where it stopped and
+a finished one is not redone. Transcripts, ``utterances.jsonl`` and ``corpus.json`` are
+written (atomically) once all audio exists, ``corpus.json`` last: its presence marks a
+complete corpus.
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ import multiprocessing
 import re
 import shutil
 import subprocess
-import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Sequence
@@ -32,7 +33,7 @@ from typing import Any
 from tqdm import tqdm
 
 from merge_core.app.corpus.audio import synthesize
-from merge_core.atomic import publish
+from merge_core.atomic import discard, publish, sweep_stale, temp_path
 from merge_core.app.corpus.domains import DOMAINS
 from merge_core.app.corpus.effects import EFFECTS, encode_flac
 from merge_core.errors import CorpusError
@@ -42,7 +43,7 @@ from merge_core.app.corpus.plan import PlannedUtterance, plan_corpus, utterance_
 from merge_core.app.corpus.text import FORTUNES_DIR, fortune_sentences
 
 FORMAT_VERSION = 1
-STAGING = ".staging"
+SCRATCH = "render"  # utterances are rendered in hidden temporaries of out_dir/render
 BUILD_MARK = ".build.json"
 
 
@@ -52,16 +53,20 @@ def render(utterance: PlannedUtterance, out_dir: Path, seed: int) -> None:
     if dest.is_file():
         return
     dest.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out_dir / STAGING) as scratch:
-        wav = Path(scratch) / "0.wav"
+    scratch = temp_path(out_dir / SCRATCH)
+    scratch.mkdir()
+    try:
+        wav = scratch / "0.wav"
         synthesize(utterance.spoken, wav, voice=utterance.voice, speed=utterance.speed, pitch=utterance.pitch)
         for step, effect in enumerate(utterance.effects, start=1):
-            applied = Path(scratch) / f"{step}.wav"
+            applied = scratch / f"{step}.wav"
             EFFECTS[effect["effect"]](wav, applied, effect, utterance_seed(seed, utterance.id))
             wav = applied
-        flac = Path(scratch) / "out.flac"
+        flac = scratch / "out.flac"
         encode_flac(wav, flac)
         publish(flac, dest)
+    finally:
+        discard(scratch)
 
 
 def _render_job(job: tuple[PlannedUtterance, Path, int]) -> None:
@@ -77,8 +82,10 @@ def _process_context() -> multiprocessing.context.BaseContext:
 
 def render_all(planned: Sequence[PlannedUtterance], out_dir: Path, seed: int, jobs: int, progress: bool) -> None:
     """Render the utterances whose audio is missing, in ``jobs`` processes."""
+    # scratch folders of a killed build, swept here too: with nothing left to render
+    # (killed between publishing a FLAC and removing its scratch) no render sweeps them
+    sweep_stale(out_dir / SCRATCH)
     todo = [(u, out_dir, seed) for u in planned if not (out_dir / u.path).is_file()]
-    (out_dir / STAGING).mkdir(parents=True, exist_ok=True)
     bar = tqdm(total=len(todo), unit="utt", desc="synthesising", disable=not progress)
     if jobs <= 1:
         for job in todo:
@@ -89,7 +96,6 @@ def render_all(planned: Sequence[PlannedUtterance], out_dir: Path, seed: int, jo
             for _ in pool.imap_unordered(_render_job, todo, chunksize=4):
                 bar.update()
     bar.close()
-    shutil.rmtree(out_dir / STAGING, ignore_errors=True)
 
 
 def write_transcripts(planned: Sequence[PlannedUtterance], out_dir: Path) -> None:

@@ -19,7 +19,10 @@
    recognition models via model merging": MAST (its expert's last snapshots averaged),
    MAcT (runs with sampled hyper-parameters, each keeping its best dev-WER model,
    averaged) and SMAcT (Algorithm 1's greedy selection on the dev set);
-6. WER on every domain's test set and forgetting on ``test-clean`` + ``test-other``:
+6. the forgetting-budget search (``asr-merge search``): the merge of the single-domain
+   experts with the lowest mean target-domain dev WER whose forgetting on dev-clean stays
+   within 1 %, beside the fixed recipes it has to beat;
+7. WER on every domain's test set and forgetting on ``test-clean`` + ``test-other``:
    ``report.{json,md,png}``, and ``demo.json`` with the papers' claims checked against
    the numbers.
 
@@ -49,7 +52,17 @@ from merge_core.app.demo.plan import (
     slug,
 )
 from merge_core.app.demo.runner import evaluation_rows, run_demo
-from merge_core.app.demo.scenarios import EDITS, MACT_RUNS, ROUNDS, all_jobs, edit_name, merge_steps, round_name
+from merge_core.app.demo.scenarios import (
+    EDITS,
+    MACT_RUNS,
+    ROUNDS,
+    SEARCH_BUDGET,
+    SEARCH_ROW,
+    all_jobs,
+    edit_name,
+    merge_steps,
+    round_name,
+)
 
 __all__ = [
     "ALL_SCENARIOS",
@@ -59,6 +72,8 @@ __all__ = [
     "MACT_RUNS",
     "ROUNDS",
     "PRETRAINED_SCENARIOS",
+    "SEARCH_BUDGET",
+    "SEARCH_ROW",
     "TARGETS",
     "DemoPlan",
     "DemoSize",

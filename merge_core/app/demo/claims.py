@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from merge_core.app.demo.plan import TARGETS
-from merge_core.app.demo.scenarios import EDITS, ROUNDS, round_name
+from merge_core.app.demo.scenarios import EDITS, ROUNDS, SEARCH_BUDGET, SEARCH_ROW, round_name
 
 def flat_name(domain: str) -> str:
     """The row of ``domain``'s fine-tune without LLRD."""
@@ -59,6 +59,8 @@ def check_claims(report: dict[str, Any], upweighted: str) -> list[dict[str, Any]
         claims += editing_claims(rows, forgets, sequential[0])
     if f"MAcT {upweighted}" in rows:
         claims += trajectory_claims(rows, upweighted)
+    if SEARCH_ROW in rows:
+        claims += search_claims(rows, forgets, upweighted)
     return claims
 
 
@@ -93,4 +95,19 @@ def trajectory_claims(rows: dict[str, Any], upweighted: str) -> list[dict[str, A
                all(wer < focus[names[0]] for n, wer in focus.items() if n != names[0]), focus),
         _claim(f"SMAcT is at least as good as MAcT on {upweighted}",
                focus[names[3]] <= focus[names[2]], {n: focus[n] for n in names[2:]}),
+    ]
+
+
+def search_claims(rows: dict[str, Any], forgets: dict[str, float], upweighted: str) -> list[dict[str, Any]]:
+    """The forgetting-budget search, on the test sets it never saw: within its budget, and
+    better on the target domains than every fixed recipe of the same experts within it."""
+    fixed = [n for n in ("AoDE", "AoDE with orig", f"AoDE {upweighted} x4", "original x4", "TIES", "task arithmetic")
+             if n in rows]
+    within = [n for n in fixed if forgets[n] <= SEARCH_BUDGET]
+    return [
+        _claim(f"the search keeps within its {SEARCH_BUDGET:g}% forgetting budget on test",
+               forgets[SEARCH_ROW] <= SEARCH_BUDGET, {SEARCH_ROW: forgets[SEARCH_ROW]}),
+        _claim(f"the search beats every fixed recipe within {SEARCH_BUDGET:g}% forgetting on the target domains",
+               all(_target_average(rows[SEARCH_ROW]) < _target_average(rows[n]) for n in within),
+               {n: round(_target_average(rows[n]), 2) for n in [SEARCH_ROW, *within]}),
     ]

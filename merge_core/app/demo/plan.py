@@ -78,9 +78,20 @@ class ExpertJob:
         return bool(self.hyper)
 
 
+# characters of row names that file names do without: spaces, the arrow of sequential rows,
+# the budget of the search row ("search (<= 1% forgetting)")
+_FILE_NAME = {" ": "_", ">": "-", "<=": "le", "%": "pct", "(": "", ")": ""}
+
+
 def slug(name: str) -> str:
-    """A row name as a file-name part: ``AoDE with orig r2`` -> ``AoDE_with_orig_r2``."""
-    return name.replace(" ", "_").replace(">", "-")
+    """A row name as a file-name part.
+
+    >>> slug("AoDE with orig r2"), slug("search (<= 1% forgetting)")
+    ('AoDE_with_orig_r2', 'search_le_1pct_forgetting')
+    """
+    for old, new in _FILE_NAME.items():
+        name = name.replace(old, new)
+    return name
 
 
 @dataclass(frozen=True)
@@ -94,11 +105,13 @@ class Scenarios:
     editing: bool = True  # sequential editing (Kulshreshtha et al.)
     trajectories: bool = True  # MAST, MAcT, SMAcT (Ducorroy and Riad)
     llrd_ablation: bool = False  # single-domain fine-tunes without LLRD
+    search: bool = True  # the forgetting-budget search over the single-domain experts (asr-merge search)
 
 
 ALL_SCENARIOS = Scenarios()
 # a real pretrained generalist: the AoDE paper's Whisper rows, and whether LLRD helps
-PRETRAINED_SCENARIOS = Scenarios(lora=False, iterative=False, editing=False, trajectories=False, llrd_ablation=True)
+PRETRAINED_SCENARIOS = Scenarios(lora=False, iterative=False, editing=False, trajectories=False, llrd_ablation=True,
+                                 search=False)
 
 
 @dataclass(frozen=True)

@@ -2,18 +2,26 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from merge_core.app.corpus.domains import ORIGINAL
 from merge_core.app.demo.plan import TARGETS, DemoPlan, ExpertJob, slug
 from merge_core.recipes.greedy_soup import METHOD as SOUP_METHOD
 from merge_core.recipes.mact import sample_hyperparameters
+from merge_core.recipes.search import METHOD as SEARCH_METHOD
 
 MACT_RUNS = 4  # MAcT: runs on the focus domain, hyper-parameters from Ducorroy and Riad's ranges
 MAST_LAST = 4  # MAST averages the last K per-epoch snapshots
 ROUNDS = 3  # iterative AoDE: the 1st round is AoDE itself
+SEARCH_BUDGET = 1.0  # % forgetting: the forgetting-budget search's row
+SEARCH_ROW = f"search (<= {SEARCH_BUDGET:g}% forgetting)"
+# trials per corpus size; each decodes every target domain's dev set and dev-clean once
+SEARCH_TRIALS = {"smoke": 8, "default": 40, "large": 60}
 # sequential editing (Kulshreshtha et al.): theta_t = theta_{t-1} + lambda * trim(theta_hat_t - theta_{t-1})
 EDITS = {
     "TA": ("task_arithmetic", {"lambda": 0.4}),
@@ -120,6 +128,8 @@ def merge_steps(plan: DemoPlan) -> list[MergeStep]:
                 "include_base": variant == "AoDE with orig",
             }
     steps = [_static(name, {**recipe, "base_model": base}) for name, recipe in recipes.items()]
+    if scenarios.search:  # beside the fixed recipes it has to beat
+        steps.insert(list(recipes).index("task arithmetic") + 1, search_step(plan, recipes))
     for label, (method, parameters) in EDITS.items() if scenarios.editing else ():
         for k in range(1, len(TARGETS) + 1):
             previous = str(plan.merged_path(edit_name(label, k - 1))) if k > 1 else base
@@ -151,3 +161,52 @@ def smact_recipe(plan: DemoPlan, candidates: list[str]) -> dict[str, Any]:
         "models": candidates,
         "dev": {**dev, **plan.toolkit.dev_options(plan)},
     }
+
+
+def search_baselines(plan: DemoPlan, recipes: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The report's fixed recipes of the single-domain experts, as the search's ``baselines``:
+    enqueued first, marked in its plot (re-weighted AoDE as weights relative to the focus
+    domain's, which an average does not tell apart from x4)."""
+    ties, ta = recipes["TIES"]["parameters"], recipes["task arithmetic"]["parameters"]
+    return {
+        "AoDE": {"method": "average"},
+        "AoDE with orig": {"method": "average", "base_weight": 1.0},
+        f"AoDE {plan.upweighted} x4": {"method": "average", "weights": {d: 1.0 if d == plan.upweighted else 0.25 for d in TARGETS}},
+        "original x4": {"method": "average", "base_weight": 4.0},
+        "TIES": {"method": "ties", "lambda": ties["lambda"], "density": ties["density"]},
+        "task arithmetic": {"method": "task_arithmetic", "lambda": ta["lambda"]},
+    }
+
+
+def search_step(plan: DemoPlan, recipes: dict[str, dict[str, Any]]) -> MergeStep:
+    """The forgetting-budget search (``asr-merge search``) over the single-domain experts: the
+    lowest mean target-domain dev WER whose forgetting on dev-clean stays within
+    :data:`SEARCH_BUDGET`; its trials, plot and study beside the report."""
+    experts = [plan.expert_path(ExpertJob((d,))) for d in TARGETS]
+    report = plan.out / "report"
+
+    def build() -> dict[str, Any]:
+        # the study is named by the experts it searches (their names hash all that shapes them):
+        # new experts start a new study, a rerun of the demo resumes this one
+        key = hashlib.sha256(json.dumps([e.name for e in experts]).encode()).hexdigest()[:12]
+        return {
+            "method": SEARCH_METHOD,
+            "base_model": str(plan.generalist),
+            "models": [{"model": str(e), "name": d} for d, e in zip(TARGETS, experts)],
+            "dev": {
+                "sets": {d: str(plan.manifest(d, "dev")) for d in TARGETS},
+                "original": {"dev_clean": str(plan.manifest(ORIGINAL, "dev-clean"))},
+                "log": str(report / f"{slug(SEARCH_ROW)}.trials.json"),
+                **plan.toolkit.dev_options(plan),
+            },
+            "max_forgetting_pct": SEARCH_BUDGET,
+            "trials": SEARCH_TRIALS[plan.size.corpus],
+            "seed": plan.seed,
+            "baselines": search_baselines(plan, recipes),
+            "study": {"storage": str(report / f"{slug(SEARCH_ROW)}.study.db"), "name": f"demo-{key}"},
+            "plot": str(report / f"{slug(SEARCH_ROW)}.pareto.png"),
+            # a search that finds nothing within the budget still gives the report a row: its least-forgetting trial
+            "if_infeasible": "least_forgetting",
+        }
+
+    return MergeStep(SEARCH_ROW, tuple(experts), build)

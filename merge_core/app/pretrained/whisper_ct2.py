@@ -246,6 +246,8 @@ def _check_whisper_spec(model: Ct2Model) -> None:
         )
     for name, allowed in _REQUIRED_FLAGS.items():
         var = model.variables.get(name)
+        if var is not None and not var.is_scalar():
+            raise CheckpointError(f"{model.path}: {name} has shape {list(var.shape)}; a setting is a single value")
         value = None if var is None else var.to_numpy().item()
         if value not in allowed:
             raise CheckpointError(
@@ -269,6 +271,13 @@ def _count_layers(model: Ct2Model, stack: str) -> int:
     return len(found)
 
 
+def _expected_rank(name: str) -> int:
+    """Dimensions of a weight by its name: convolutions 3, matrices 2, vectors 1."""
+    if name.endswith(("conv1/weight", "conv2/weight")):
+        return 3
+    return 2 if name.endswith(("/weight", "/encodings")) else 1
+
+
 class _Weights:
     """Takes float variables out of a model as float32 tensors, remembering which were used."""
 
@@ -280,6 +289,11 @@ class _Weights:
         var = self.model.resolve(name)
         if var is None:
             raise CheckpointError(f"{self.model.path}: missing variable {name!r}")
+        rank = _expected_rank(name)
+        if len(var.shape) != rank:
+            raise CheckpointError(
+                f"{self.model.path}: variable {name!r} has shape {list(var.shape)}, expected {rank} dimension(s)"
+            )
         self.used.update({name, var.name})
         return torch.from_numpy(var.to_numpy().astype(np.float32, copy=False))
 
@@ -350,7 +364,7 @@ def _layer(w: _Weights, ct2: str, hf: str, d_model: int, cross: bool) -> dict[st
 
 def _heads(model: Ct2Model, stack: str) -> int:
     var = model.resolve(f"{stack}/num_heads")
-    return 0 if var is None else int(var.to_numpy())
+    return 0 if var is None or not var.is_scalar() else int(var.to_numpy())
 
 
 def whisper_state_dict(model: Ct2Model) -> tuple[dict[str, torch.Tensor], dict[str, int], bool]:
@@ -426,12 +440,36 @@ def _ct2_vocabulary(ct2_dir: Path) -> list[str]:
     """CTranslate2's token list: vocabulary.txt (one token a line) or vocabulary.json."""
     txt = ct2_dir / "vocabulary.txt"
     if txt.is_file():
-        # one token a line; not splitlines(): byte-level tokens may hold other line breaks
-        return txt.read_text(encoding="utf-8").removesuffix("\n").split("\n")
+        try:
+            # one token a line; not splitlines(): byte-level tokens may hold other line breaks
+            return txt.read_text(encoding="utf-8").removesuffix("\n").split("\n")
+        except (OSError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{txt}: unreadable vocabulary ({e})") from None
     vocabulary = _load_json(ct2_dir / "vocabulary.json")
-    if not isinstance(vocabulary, list):
+    if not isinstance(vocabulary, list) or not all(isinstance(t, str) for t in vocabulary):
         raise CheckpointError(f"{ct2_dir / 'vocabulary.json'}: expected a list of tokens")
     return vocabulary
+
+
+def _ct2_config(path: Path) -> dict[str, Any]:
+    """CTranslate2's config.json, with the entries the conversion copies checked:
+    token id lists and ``[layer, head]`` alignment pairs."""
+    config = _load_json(path)
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(config).__name__}")
+    for key in ("suppress_ids", "suppress_ids_begin"):
+        ids = config.get(key)
+        if ids is not None and (not isinstance(ids, list) or not all(_is_int(i) for i in ids)):
+            raise CheckpointError(f"{path}: {key} must be a list of token ids, got {ids!r:.80}")
+    heads = config.get("alignment_heads")
+    pairs = isinstance(heads, list) and all(isinstance(p, list) and len(p) == 2 and all(map(_is_int, p)) for p in heads)
+    if heads is not None and not pairs:
+        raise CheckpointError(f"{path}: alignment_heads must be a list of [layer, head] pairs, got {heads!r:.80}")
+    return config
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def build_tokenizer(ct2_dir: Path, vocab_size: int) -> Any:
@@ -595,7 +633,7 @@ def convert_ct2_whisper(
     model = read_ct2_model(ct2_dir / "model.bin")
     state, sizes, tied = whisper_state_dict(model)
     tokenizer = build_tokenizer(ct2_dir, sizes["vocab_size"])
-    config, generation = build_configs(sizes, tied, _load_json(ct2_dir / "config.json"), tokenizer, ct2_dir)
+    config, generation = build_configs(sizes, tied, _ct2_config(ct2_dir / "config.json"), tokenizer, ct2_dir)
     _check_against_architecture(state, config, model.path)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     stage = temp_path(out_dir)
