@@ -69,6 +69,8 @@ def apply_overrides(config: DictConfig, overrides: Sequence[str]) -> DictConfig:
             OmegaConf.update(config, key.lstrip("+"), parsed, merge=True, force_add=True)
         except (OmegaConfBaseException, yaml.YAMLError) as e:
             raise RecipeError(f"cannot apply override {item!r}: {e}") from None
+        except (IndexError, ValueError, TypeError):  # OmegaConf's key parser on keys such as "["
+            raise RecipeError(f"cannot apply override {item!r}: {key!r} is not a key path such as models.0.weight") from None
         except RecursionError:
             raise RecipeError(f"cannot apply override {item!r}: its value is nested too deeply") from None
     return config

@@ -27,7 +27,7 @@ from merge_core.evaluation.cache import EvalCache
 from tests.checkpoint_helpers import read_weights
 
 ASR_MERGE = str(Path(sys.executable).parent / "asr-merge")
-ROUNDS = int(os.environ.get("ASR_MERGE_RACE_ROUNDS", "2"))
+ROUNDS = int(os.environ.get("ASR_MERGE_RACE_ROUNDS", "1"))
 
 
 def temporaries(folder: Path) -> list[str]:
