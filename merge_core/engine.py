@@ -252,6 +252,15 @@ class MergeResult:
     provenance: dict[str, Any]
     summary: str = ""  # one line for people: "34 tensors merged by ties, 2 copied"
 
+    @classmethod
+    def of_stream(cls, output: Path, written: tuple[list[Path], dict[str, Any]], tensors: dict[str, Any],
+                  actions: dict[str, str], start: float, summary: str) -> "MergeResult":
+        """The result of a :func:`write_stream` (its ``(files, record)``) planned by ``actions``,
+        ``start`` being the run's ``time.perf_counter()`` when it began."""
+        files, record = written
+        merged = tensors["merged"]
+        return cls(output, files, merged, len(actions) - merged, time.perf_counter() - start, record, summary)
+
 
 # (role, reader, weight or None): one input of a merge, as its provenance records it
 InputRole = tuple[str, CheckpointReader, float | None]
@@ -327,7 +336,7 @@ def merge(recipe: Recipe, *, progress: bool = True) -> MergeResult:
         check_memory(inputs, actions)
         tensors = tensor_record(inputs, actions)
         output.parent.mkdir(parents=True, exist_ok=True)  # only once the inputs are known good
-        files, record = write_stream(
+        written = write_stream(
             output,
             recipe.to_dict(),
             input_roles(recipe, inputs),
@@ -338,12 +347,5 @@ def merge(recipe: Recipe, *, progress: bool = True) -> MergeResult:
             shard_size=recipe.shard_size,
         )
     copied = len(actions) - tensors["merged"]
-    return MergeResult(
-        output=output,
-        files=files,
-        merged=tensors["merged"],
-        copied=copied,
-        seconds=time.perf_counter() - start,
-        provenance=record,
-        summary=f"{tensors['merged']} tensors merged by {recipe.method}, {copied} copied",
-    )
+    summary = f"{tensors['merged']} tensors merged by {recipe.method}, {copied} copied"
+    return MergeResult.of_stream(output, written, tensors, actions, start, summary)

@@ -597,12 +597,4 @@ def run_search(search: SearchRecipe, *, progress: bool = True) -> MergeResult:
         f"({'within' if within_budget else 'OVER'} the {search.max_forgetting_pct:g}% budget); "
         f"trials in {search.dev.log}, plot {search.plot}"
     )
-    return MergeResult(
-        output=output,
-        files=files,
-        merged=tensors["merged"],
-        copied=len(actions) - tensors["merged"],
-        seconds=time.perf_counter() - start,
-        provenance=record,
-        summary=summary,
-    )
+    return MergeResult.of_stream(output, (files, record), tensors, actions, start, summary)

@@ -371,12 +371,4 @@ def run_greedy_soup(recipe: SoupRecipe, *, progress: bool = True) -> MergeResult
         f"greedy soup of {len(selection.kept)} of {len(candidates.models)} candidates, "
         f"dev WER {100 * selection.wer:.2f}%; trials in {recipe.dev.log}"
     )
-    return MergeResult(
-        output=output,
-        files=files,
-        merged=tensors["merged"],
-        copied=len(actions) - tensors["merged"],
-        seconds=time.perf_counter() - start,
-        provenance=record,
-        summary=summary,
-    )
+    return MergeResult.of_stream(output, (files, record), tensors, actions, start, summary)
