@@ -29,7 +29,7 @@ demo-whisper: $(STAMP)
 	$(BIN)/asr-merge demo --toolkit speechbrain --generalist whisper-tiny.en
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=25
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"

@@ -22,8 +22,9 @@ from tqdm.auto import tqdm
 
 from merge_core.atomic import output_errors
 from merge_core.checkpoint import CheckpointReader, TensorSpec, create_writer, open_checkpoint
-from merge_core.errors import CheckpointError, NonFiniteError, TensorMismatchError
+from merge_core.errors import CheckpointError, NonFiniteError, RecipeError, TensorMismatchError
 from merge_core.checkpoint.provenance import hash_in_background, provenance_record
+from merge_core.grams import GramFiles, open_gram_files
 from merge_core.registry import TensorInputs
 from merge_core.methods.sparsify import ModelMagnitudeTrim, magnitude_trim
 
@@ -37,10 +38,12 @@ _LISTED = 5
 @dataclass
 class Inputs:
     """Open readers for the recipe's base and experts; ``template`` decides output
-    names, shapes and dtypes (the base, or the first model when there is none)."""
+    names, shapes and dtypes (the base, or the first model when there is none).
+    ``grams``: the members' Gram files, for a method that needs them."""
 
     base: CheckpointReader | None
     models: list[CheckpointReader]
+    grams: GramFiles | None = None
 
     @property
     def template(self) -> CheckpointReader:
@@ -52,13 +55,24 @@ class Inputs:
 
 @contextlib.contextmanager
 def open_inputs(recipe: Recipe) -> Iterator[Inputs]:
-    """Open every input checkpoint of ``recipe`` and check they are compatible."""
+    """Open every input checkpoint of ``recipe`` and check they are compatible (and,
+    for a method that needs them, the members' Gram files first)."""
     with contextlib.ExitStack() as stack:
+        grams = None
+        if recipe.merge_method.needs_grams:
+            grams = stack.enter_context(open_gram_files(member_paths(recipe), recipe.method))
         base = stack.enter_context(open_checkpoint(recipe.base_model)) if recipe.base_model else None
         models = [stack.enter_context(open_checkpoint(m.model)) for m in recipe.models]
-        inputs = Inputs(base, models)
+        inputs = Inputs(base, models, grams)
         check_compatible(inputs.template, [r for r in inputs.all() if r is not inputs.template])
+        if grams is not None:
+            grams.check_against(inputs.template)
         yield inputs
+
+
+def member_paths(recipe: Recipe) -> list[str]:
+    """The merged members' checkpoints in the order a method sees them: the base first when it is one."""
+    return ([recipe.base_model] if recipe.include_base else []) + [m.model for m in recipe.models]
 
 
 def _first(names: list[str]) -> str:
@@ -167,6 +181,8 @@ class TensorMerger:
 
     def __post_init__(self) -> None:
         self._method = self.recipe.merge_method
+        if self._method.needs_grams and self.inputs.grams is None:
+            raise RecipeError(f"method {self._method.name!r} needs Gram files: open the inputs with its own recipe")
         # average/extreme/slerp without include_base never look at the base's values
         self._reads_base = self.inputs.base is not None and (self._method.needs_base or self.recipe.include_base)
 
@@ -205,6 +221,7 @@ class TensorMerger:
             models=models,
             weights=torch.tensor(weights, dtype=torch.float64),
             trim=self._trim(name),
+            grams=self.inputs.grams.for_tensor(name) if self.inputs.grams is not None else None,
         )
         merged = self._method.fn(inputs, self.recipe.parameters_for(name))
         return merged.to(self.inputs.template.spec(name).dtype)
@@ -316,14 +333,18 @@ def write_stream(
 
 
 def tensor_record(inputs: Inputs, actions: dict[str, str]) -> dict[str, Any]:
-    """The provenance of the output's tensors: how many were merged, which were copied and why."""
-    return {
+    """The provenance of the output's tensors: how many were merged, which were copied and
+    why, and the Gram files they were merged with."""
+    record = {
         "merged": sum(a == MERGE for a in actions.values()),
         "copied_from": str(inputs.template.path),
         "copied_non_float": sorted(n for n, a in actions.items() if a == NON_FLOAT),
         "copied_excluded": sorted(n for n, a in actions.items() if a == EXCLUDED),
         "note": "integer and bool tensors are never averaged: they are copied unchanged",
     }
+    if inputs.grams is not None:
+        record["grams"] = inputs.grams.provenance()
+    return record
 
 
 def merge(recipe: Recipe, *, progress: bool = True) -> MergeResult:

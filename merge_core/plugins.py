@@ -75,6 +75,10 @@ class ToolkitPlugin:
     demos : mapping of str to Reference
         Demo name (``default``, or a pretrained generalist such as ``whisper-tiny.en``) ->
         the demo's ``DemoToolkit`` (:mod:`merge_core.app.demo`).
+    collect_grams : Reference, optional
+        ``collect_grams(config, progress) -> path``: the ``asr-merge grams`` back end, an
+        expert's Gram file for ``method: regmean`` through the toolkit's own forward
+        (:mod:`merge_core.grams`).
     """
 
     name: str
@@ -85,6 +89,7 @@ class ToolkitPlugin:
     dev_evaluators: Mapping[str, Reference] = field(default_factory=dict)
     train_run: Reference | None = None
     demos: Mapping[str, Reference] = field(default_factory=dict)
+    collect_grams: Reference | None = None
 
     def load(self, reference: Reference | None, what: str) -> Any:
         """The object ``reference`` names, imported now after the toolkit itself

@@ -32,7 +32,9 @@ class TensorInputs:
     ``models`` are the experts theta_1..n (preceded by the base when the recipe
     sets ``include_base``), ``weights`` their weights w_i as float64, ``base`` is
     theta_0 (None when the recipe has no base model). Inputs may be read-only memory
-    maps: methods must never modify them in place.
+    maps: methods must never modify them in place. ``grams``, for methods registered
+    with ``needs_grams``: each member's Gram matrix of this weight's layer inputs, in the
+    order of ``models``, or None when the tensor has none (not a linear layer's weight).
     """
 
     name: str
@@ -40,6 +42,7 @@ class TensorInputs:
     models: Sequence[torch.Tensor]
     weights: torch.Tensor
     trim: Callable[[torch.Tensor, int, float], torch.Tensor] | None = None
+    grams: Sequence[torch.Tensor] | None = None
 
 
 MergeFn = Callable[[TensorInputs, Mapping[str, Any]], torch.Tensor]
@@ -58,6 +61,8 @@ class MergeMethod:
     defaults: Mapping[str, Any] = field(default_factory=dict)
     trims: bool = False
     uses_weights: bool = True
+    needs_grams: bool = False
+    checks: Mapping[str, Callable[[str, Any], Any]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -91,6 +96,8 @@ def merge_method(
     defaults: Mapping[str, Any] | None = None,
     trims: bool = False,
     uses_weights: bool = True,
+    needs_grams: bool = False,
+    checks: Mapping[str, Callable[[str, Any], Any]] | None = None,
 ) -> Callable[[MergeFn], MergeFn]:
     """Register the per-tensor method ``fn`` under ``name``.
 
@@ -98,6 +105,10 @@ def merge_method(
     (``include_base``). ``trims``: the method calls ``TensorInputs.trim``, so a
     model-wide ``trim_scope`` needs the engine's first pass. ``uses_weights``: False
     for methods that ignore w_i, so the recipe refuses weights other than 1.
+    ``needs_grams``: the engine opens each member's Gram file (:mod:`merge_core.grams`)
+    and hands the method ``TensorInputs.grams``. ``checks``: this method's own checks of
+    parameters whose range differs from other methods' of the same name
+    (``PARAMETER_CHECKS`` otherwise).
     """
 
     def register(fn: MergeFn) -> MergeFn:
@@ -112,6 +123,8 @@ def merge_method(
             defaults=MappingProxyType(dict(defaults or {})),
             trims=trims,
             uses_weights=uses_weights,
+            needs_grams=needs_grams,
+            checks=MappingProxyType(dict(checks or {})),
         )
         return fn
 

@@ -6,14 +6,17 @@
 or ``asr-merge eval configs/nemo/eval.yaml [key=value ...]``. The config keys are
 documented in :mod:`merge_core.evaluation.runner`. Models are ``.nemo`` files
 (``model``) or NGC/Hugging Face names (``pretrained_name``), restored as whatever
-``ASRModel`` class they are and decoded with their own batched ``transcribe``.
+``ASRModel`` class they are and decoded with their own batched ``transcribe``. Each set's
+transcripts are written as NeMo's ``transcribe_speech.py`` writes them: the manifest's
+entries, each with its ``pred_text``.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -21,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from merge_core import MergeError
 from merge_core.evaluation.runner import Backend, EvalConfig, ModelSpec, run_evaluation
 from merge_core.evaluation.manifests import Utterance, read_nemo_manifest
+from merge_core.evaluation.wer import WerStats
 from merge_core.checkpoint.provenance import file_sha256
 from nemo_merge.hydra_args import config_path_from_cwd
 
@@ -43,6 +47,7 @@ def hypothesis_text(hypothesis: Any) -> str:
 
 class NemoBackend(Backend):
     toolkit = "nemo"
+    transcript_suffix = ".json"
 
     def __init__(self) -> None:
         import nemo.collections.asr  # noqa: F401  (NeMo's loggers exist before the evaluation redirects them)
@@ -80,6 +85,12 @@ class NemoBackend(Backend):
                 verbose=False,
             )
         return [hypothesis_text(h) for h in hypotheses]
+
+    def format_transcripts(self, manifest: Path, hypotheses: Sequence[str], scores: Sequence[WerStats]) -> str:
+        """JSON lines: each manifest entry as written, with ``pred_text`` (what NeMo's
+        ``speech_to_text_eval.py`` scores); the counts are in ``report.json``."""
+        entries = [json.loads(line) for line in manifest.read_text(encoding="utf-8").splitlines() if line.strip()]
+        return "".join(json.dumps({**entry, "pred_text": text}) + "\n" for entry, text in zip(entries, hypotheses))
 
     def release(self, spec: ModelSpec) -> None:
         self._loaded.pop(spec.name, None)

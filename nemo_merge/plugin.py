@@ -15,5 +15,6 @@ TOOLKIT = ToolkitPlugin(
     evaluate="nemo_merge.evaluate:evaluate",
     dev_evaluators={NEMO_KIND.name: "nemo_merge.select:NemoDevEvaluator"},
     train_run="nemo_merge.mact:train_run",
+    collect_grams="nemo_merge.grams:collect_grams",
     demos={"default": "nemo_merge.demo:NEMO"},
 )

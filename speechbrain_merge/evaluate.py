@@ -29,13 +29,18 @@ A model is named in one of two ways:
 - ``pretrained_name: SOURCE``, a ``from_hparams`` source as published: a Hugging Face
   id, or a local folder with ``hyperparams.yaml`` and its ``.ckpt`` files.
 
-Either way the interface decodes with its own batched ``transcribe_batch``.
+Either way the interface decodes with its own batched ``transcribe_batch``. Each set's
+transcripts are a CSV (:data:`TRANSCRIPT_COLUMNS`): the manifest's ``ID`` and ``wrd``, the
+hypothesis, and the utterance's substitutions, deletions, insertions and reference words
+after normalisation (0 words: skipped as empty).
 """
 
 from __future__ import annotations
 
+import csv
 import functools
 import hashlib
+import io
 import json
 import sys
 import tempfile
@@ -52,6 +57,7 @@ from merge_core.errors import EvaluationError
 from merge_core.evaluation.cache import canonical_json
 from merge_core.evaluation.runner import Backend, EvalConfig, ModelSpec, run_evaluation
 from merge_core.evaluation.manifests import Utterance, read_speechbrain_csv
+from merge_core.evaluation.wer import WerStats
 from merge_core.checkpoint.provenance import file_sha256
 from merge_core.recipes.config import load_yaml_config
 from speechbrain_merge.arguments import parse_arguments
@@ -59,6 +65,7 @@ from speechbrain_merge.checkpoint_io import PARAM_SUFFIX, not_a_checkpoint_reaso
 from speechbrain_merge.whisper import EncoderStates, encode_audio
 
 INTERFACES = ("EncoderASR", "EncoderDecoderASR", "WhisperASR")
+TRANSCRIPT_COLUMNS = ("ID", "wrd", "hypothesis", "substitutions", "deletions", "insertions", "words")
 
 
 @dataclass(frozen=True)
@@ -240,6 +247,7 @@ def transcribe_whisper_batch(asr: Any, utterances: Sequence[Utterance], store: E
 
 class SpeechBrainBackend(Backend):
     toolkit = "speechbrain"
+    transcript_suffix = ".csv"
 
     def __init__(self, options: SpeechBrainOptions, workdir: Path) -> None:
         import speechbrain.inference  # noqa: F401  (its loggers exist before the evaluation redirects them)
@@ -283,6 +291,17 @@ class SpeechBrainBackend(Backend):
         else:
             batch = functools.partial(transcribe_whisper_batch, store=EncoderStates(states))
         return [h for start in range(0, len(utterances), size) for h in batch(asr, utterances[start : start + size])]
+
+    def format_transcripts(self, manifest: Path, hypotheses: Sequence[str], scores: Sequence[WerStats]) -> str:
+        """CSV of :data:`TRANSCRIPT_COLUMNS`, one row per utterance in the manifest's order."""
+        with open(manifest, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f, skipinitialspace=True))
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(TRANSCRIPT_COLUMNS)
+        for row, text, s in zip(rows, hypotheses, scores):
+            writer.writerow([row["ID"], row["wrd"], text, s.substitutions, s.deletions, s.insertions, s.words])
+        return out.getvalue()
 
     def release(self, spec: ModelSpec) -> None:
         _, folder = self._loaded.pop(spec.name, (None, None))

@@ -15,5 +15,6 @@ TOOLKIT = ToolkitPlugin(
     evaluate="speechbrain_merge.evaluate:evaluate",
     dev_evaluators={CHECKPOINTER_KIND.name: "speechbrain_merge.select:SpeechBrainDevEvaluator"},
     train_run="speechbrain_merge.mact:train_run",
+    collect_grams="speechbrain_merge.grams:collect_grams",
     demos={"default": "speechbrain_merge.demo:SPEECHBRAIN", "whisper-tiny.en": "speechbrain_merge.whisper_demo:WHISPER"},
 )

@@ -14,6 +14,7 @@ from typing import Sequence
 
 from merge_core.app.corpus import SIZES, prepare_librispeech, prepare_synthetic_corpus
 from merge_core.app.demo import TARGETS, run_demo
+from merge_core.app.demo.methods import run_method_benchmark
 from merge_core.app.pretrained.fetch import KNOWN_MODELS
 from merge_core.errors import MergeError
 from merge_core.plugins import toolkit, toolkits
@@ -44,6 +45,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_grams(args: argparse.Namespace) -> int:
+    config = load_yaml_config(args.config, args.overrides, "Gram config")
+    plugin = toolkit(str(config.get("toolkit", "nemo")))
+    collect = plugin.load(plugin.collect_grams, f"Gram collection (asr-merge grams) for {plugin.name} models")
+    print(f"wrote {collect(config, progress=not args.quiet)}")
+    return 0
+
+
 def _demo_name(args: argparse.Namespace) -> str:
     """The plugin demo ``--generalist`` names (``default`` when it names a checkpoint)."""
     owners = [name for name, plugin in toolkits().items() if args.generalist in plugin.demos]
@@ -58,16 +67,20 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     plugin = toolkit(args.toolkit)
     name = _demo_name(args)
     demo = plugin.load(plugin.demos.get(name), f"the {name} demo")
-    run_demo(
-        demo,
-        size=args.size,
-        out=args.out,
-        corpus=args.corpus,
-        generalist=None if name != "default" else args.generalist,  # a named demo writes its own
-        jobs=args.jobs,
-        seed=args.seed,
-        upweighted=args.upweight,
-    )
+    common = {
+        "size": args.size,
+        "out": args.out,
+        "corpus": args.corpus,
+        "generalist": None if name != "default" else args.generalist,  # a named demo writes its own
+        "jobs": args.jobs,
+        "seed": args.seed,
+    }
+    if args.methods is not None:
+        run_method_benchmark(demo, methods=args.methods or None, adapt_original=args.adapt_original, **common)
+    elif args.adapt_original:
+        raise MergeError("--adapt-original goes with --methods (the method benchmark)")
+    else:
+        run_demo(demo, upweighted=args.upweight, **common)
     return 0
 
 
@@ -153,6 +166,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=_cmd_eval)
     p = sub.add_parser(
+        "grams",
+        help="an expert's Gram matrices for method: regmean, through its toolkit's own forward",
+        description="Run an expert over the first batches of its own training manifest through the toolkit's own "
+        "forward, and write the Gram matrix of every linear layer's inputs (padding excluded) beside it as "
+        "<expert>.regmean.safetensors, where a 'method: regmean' merge finds it.",
+    )
+    p.add_argument("config", help="Gram config YAML: toolkit, model, manifest, batch_size, batches or max_utterances")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. model=experts/noisy.nemo batches=20")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=_cmd_grams)
+    p = sub.add_parser(
         "make-corpus",
         help="synthesise the demo corpus (LibriSpeech layout + target domains)",
         description="Synthesise speech with espeak-ng and sox: a LibriSpeech-like original domain and target "
@@ -200,6 +224,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, help="experts trained in parallel (default: one per CPU core)")
     p.add_argument("--upweight", default=TARGETS[0], choices=TARGETS, help="the domain up-weighted x4 in the re-weighted AoDE")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--methods", nargs="*", metavar="METHOD", help="the method benchmark instead: these merge methods "
+        "(none named: every registered one) at their defaults and a small grid, over the single-domain experts "
+        "(<out>/methods/)")
+    p.add_argument("--adapt-original", action="store_true", help="with --methods: first fine-tune the generalist on "
+        "the original domain's train-clean-100, and measure forgetting against that adapted model")
     p.set_defaults(run=_cmd_demo)
     p = sub.add_parser(
         "get-model",

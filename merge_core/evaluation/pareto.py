@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Sequence
 
 from merge_core.atomic import write_atomically
+from merge_core.evaluation.plot import DPI, agg_figure
 
 
 # forgetting ticks, wherever the axis reaches (the budget and the end of the linear part are added)
@@ -53,13 +54,9 @@ def _draw(
     title: str,
     dest: Path,
 ) -> None:
-    # an explicit Agg canvas, as the report's plot: no pyplot, no display, no global backend
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
     from matplotlib.ticker import FuncFormatter
 
-    fig = Figure(figsize=(8.0, 5.5), layout="constrained")
-    FigureCanvasAgg(fig)
+    fig = agg_figure(8.0, 5.5)
     ax = fig.subplots()
     for feasible, style in ((True, {"marker": "o", "color": "tab:blue"}), (False, {"marker": "x", "color": "tab:gray"})):
         group = [p for p in points if p.feasible == feasible and p.baseline is None]
@@ -90,7 +87,7 @@ def _draw(
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
-    fig.savefig(dest, format="png", dpi=120)
+    fig.savefig(dest, format="png", dpi=DPI)
 
 
 def plot_search(

@@ -30,8 +30,11 @@ from omegaconf import DictConfig, OmegaConf
 from merge_core.errors import RecipeError
 from merge_core.recipes.config import load_yaml_config
 from merge_core.recipes.validate import (
+    boolean,
     choice,
     density,
+    density_and_epsilon,
+    density_and_gamma,
     flag,
     integer,
     known_keys,
@@ -53,7 +56,21 @@ PARAMETER_CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "trim_scope": choice("tensor", "model"),
     "t": unit_interval,
     "mode": choice("max", "min"),
+    "alpha": number,
+    "common_fraction": density,
+    "gamma": unit_interval,
+    "epsilon": unit_interval,
+    "filter_wise": boolean,
 }
+
+# constraints between parameters, checked wherever the keys meet: (params, where) -> None
+PARAMETER_RELATIONS: tuple[Callable[[Mapping[str, Any], str], None], ...] = (density_and_gamma, density_and_epsilon)
+
+
+def check_relations(params: Mapping[str, Any], where: str) -> None:
+    """Raise a RecipeError naming ``where`` if ``params`` break a :data:`PARAMETER_RELATIONS` rule."""
+    for relation in PARAMETER_RELATIONS:
+        relation(params, where)
 
 
 @dataclass(frozen=True)
@@ -107,6 +124,8 @@ class Recipe:
         for o in self.overrides:
             if fnmatch.fnmatchcase(name, o.pattern):
                 params.update(o.parameters)
+        # overrides that only meet on some tensors are checked here, on those tensors
+        check_relations(params, f"parameters of tensor {name!r}")
         return params
 
     def to_dict(self) -> dict[str, Any]:
@@ -162,6 +181,7 @@ class Recipe:
             hash_inputs=flag(raw, "hash_inputs", default=True),
         )
         _check_against_method(recipe, method)
+        _check_parameter_relations(recipe)
         return recipe
 
 
@@ -206,7 +226,16 @@ def _checked_parameters(method: MergeMethod, raw: Any, where: str) -> dict[str, 
     if unknown:
         accepted = ", ".join(sorted(method.defaults)) or "none"
         raise RecipeError(f"{where}: method {method.name!r} takes no parameter(s) {unknown}; it accepts: {accepted}")
-    return {key: PARAMETER_CHECKS[key](key, value) for key, value in raw.items()}
+    return {key: (method.checks.get(key) or PARAMETER_CHECKS[key])(key, value) for key, value in raw.items()}
+
+
+def _check_parameter_relations(recipe: Recipe) -> None:
+    """The relations of the recipe's parameters, alone and under each override, before any
+    tensor is read (two overrides that meet on a tensor: :meth:`Recipe.parameters_for`)."""
+    params = {**recipe.merge_method.defaults, **recipe.parameters}
+    check_relations(params, "parameters")
+    for i, o in enumerate(recipe.overrides):
+        check_relations({**params, **o.parameters}, f"overrides[{i}].parameters")
 
 
 def _patterns(raw: Mapping[str, Any], key: str, default: tuple[str, ...]) -> tuple[str, ...]:

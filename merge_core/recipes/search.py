@@ -196,9 +196,12 @@ class SearchSpace:
             raise RecipeError(f"space.methods lists a method twice: {methods!r}")
         for name in methods:
             try:
-                get_method(name)
+                method = get_method(name)
             except RecipeError as e:
                 raise RecipeError(f"space.methods: {e}") from None
+            if method.needs_grams:
+                raise RecipeError(f"space.methods: {name!r} merges from Gram files, which a search does not open; "
+                                  "run it with asr-merge merge")
         weights = _optional_range(raw, "weights", minimum=0.0)
         if weights is not None and weights.high == 0.0:
             raise RecipeError(f"space.weights {weights.to_list()!r} gives every expert weight 0: nothing would be merged")

@@ -47,6 +47,34 @@ def integer(key: str, value: Any) -> int:
     return value
 
 
+def boolean(key: str, value: Any) -> bool:
+    """true or false."""
+    if not isinstance(value, bool):
+        raise RecipeError(f"parameter {key!r} must be true or false, got {value!r}")
+    return value
+
+
+def density_and_gamma(params: Mapping[str, Any], where: str) -> None:
+    """Model Breadcrumbs drops the ``gamma`` largest and keeps ``density`` below them:
+    the two fractions cannot add up to more than the whole tensor."""
+    if "density" in params and "gamma" in params and params["density"] + params["gamma"] > 1.0:
+        raise RecipeError(
+            f"{where}: density + gamma must not exceed 1 (density keeps, gamma drops the largest), "
+            f"got density {params['density']} + gamma {params['gamma']}"
+        )
+
+
+def density_and_epsilon(params: Mapping[str, Any], where: str) -> None:
+    """DELLA's keep probabilities span density -/+ epsilon: they must stay in (0, 1]."""
+    if "density" in params and "epsilon" in params:
+        low, high = params["density"] - params["epsilon"], params["density"] + params["epsilon"]
+        if low <= 0.0 or high > 1.0:
+            raise RecipeError(
+                f"{where}: keep probabilities density -/+ epsilon must lie in (0, 1], got "
+                f"density {params['density']}, epsilon {params['epsilon']} ({low:g} to {high:g})"
+            )
+
+
 def choice(*choices: str) -> Callable[[str, Any], str]:
     """A check that the value is one of ``choices``."""
 

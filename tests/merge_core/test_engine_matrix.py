@@ -27,6 +27,18 @@ TEST_CASES = [
     ("dare_ties", {"method": "dare_ties", "parameters": {"density": 0.6, "seed": 5}}, 3),
     ("slerp", {"method": "slerp", "parameters": {"t": 0.3}}, 2),
     ("extreme", {"method": "extreme", "parameters": {"mode": "max"}}, 3),
+    ("model_stock", {"method": "model_stock"}, 3),
+    # bf16 deltas tie in magnitude often: density 0.4 and gamma 0.1 put no tie on a band edge
+    # of these checkpoints, where the reference's order (by position) is one valid choice of many
+    (
+        "breadcrumbs",
+        {"method": "breadcrumbs", "parameters": {"density": 0.4, "gamma": 0.1, "lambda": 0.8}, "weights": [1, 2, 0.5]},
+        3,
+    ),
+    ("della", {"method": "della", "parameters": {"density": 0.6, "epsilon": 0.2, "seed": 5}, "weights": [2, 1, 1]}, 3),
+    ("tsv", {"method": "tsv", "parameters": {"alpha": 0.8}}, 3),
+    ("iso_c", {"method": "iso_c", "parameters": {"alpha": 1.3}}, 3),
+    ("iso_cts", {"method": "iso_cts", "parameters": {"alpha": 1.2, "common_fraction": 0.5}}, 3),
     ("ties_encoder_only", {"method": "ties", "parameters": {"density": 0.5}, "include": ["encoder.*"]}, 3),
     (
         "task_arithmetic_override",
@@ -105,6 +117,22 @@ def expected_state(recipe: Recipe, base: dict, experts: list[dict]) -> dict[str,
             value = ref.slerp(models[0], models[1], params["t"])
         elif recipe.method == "extreme":
             value = ref.extreme(models, params["mode"])
+        elif recipe.method == "model_stock":
+            value = ref.model_stock(b, models, params["filter_wise"])
+        elif recipe.method == "breadcrumbs":
+            value = ref.breadcrumbs(b, models, weights, lam, params["density"], params["gamma"])
+        elif recipe.method == "della":
+            uniforms = [
+                torch.rand(b.shape, generator=torch.Generator().manual_seed(tensor_seed(params["seed"], name, i)))
+                for i in range(len(models))
+            ]
+            value = ref.della(b, models, weights, lam, params["density"], params["epsilon"], uniforms)
+        elif recipe.method == "tsv":
+            value = ref.tsv(b, models, params["alpha"])
+        elif recipe.method == "iso_c":
+            value = ref.iso_c(b, models, params["alpha"])
+        elif recipe.method == "iso_cts":
+            value = ref.iso_cts(b, models, params["alpha"], params["common_fraction"])
         else:
             raise AssertionError(recipe.method)
         out[name] = value.to(b.dtype)

@@ -126,7 +126,7 @@ def test_nonfinite_input_is_refused_and_an_old_output_survives(files, bad):
         ({"method": "ties", "parameters": {"density": 0}}, r"'density' must lie in \(0, 1\]"),
         ({"method": "ties", "parameters": {"density": 1.5}}, r"'density' must lie in \(0, 1\]"),
         ({"method": "slerp", "base_model": None, "models": ["a", "b", "c"]}, "merges 2 model"),
-        ({"method": "mean"}, "unknown merge method 'mean'; known methods: average, dare_linear"),
+        ({"method": "mean"}, "unknown merge method 'mean'; known methods: average, breadcrumbs, dare_linear"),
         ({"method": "average", "parameters": {"density": 0.5}}, "method 'average' takes no parameter"),
         ({"modles": []}, r"unknown recipe key\(s\) \['modles'\]"),
         ({"method": "ties", "base_model": None}, "needs 'base_model'"),

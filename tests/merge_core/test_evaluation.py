@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import subprocess
 import sys
 
+import jiwer
+import numpy as np
 import pytest
 from merge_core import MergeError
 from merge_core.evaluation import (
+    BootstrapSettings,
     EvalCache,
     EvaluationError,
+    ModelSource,
+    PairedBootstrap,
     TextNormalization,
     WerStats,
     average_wer,
@@ -19,10 +25,13 @@ from merge_core.evaluation import (
     forgetting_pct,
     manifest_digest,
     pooled_stats,
+    render_markdown,
     results_from_report,
     score,
+    score_utterances,
     write_report,
 )
+from merge_core.evaluation.runner import EvalConfig, safe_names, transcript_paths
 
 RAW = TextNormalization(lowercase=False, strip_punctuation=False)
 
@@ -73,6 +82,24 @@ def test_empty_reference_is_skipped_counted_and_warned():
         s = score(["a b", "", "c", " ?! "], ["a b", "lots of inserted words", "c", "more"], name="dev")
     # The skipped hypotheses' words are not charged as insertions.
     assert (s.errors, s.words, s.utterances, s.skipped_empty) == (0, 3, 2, 2)
+
+
+def test_per_utterance_counts_keep_order_mark_skipped_and_sum_to_jiwers_totals():
+    refs = ["the cat sat on the mat", "", "a b c d", "hello world", "x"]
+    hyps = ["the cat sat on mat", "noise", "a x c d e", "", "x y z"]
+    with pytest.warns(UserWarning, match=r"skipped 1 utterance\(s\).*index 1"):
+        per = score_utterances(refs, hyps, RAW)
+    assert [(u.substitutions, u.deletions, u.insertions, u.words) for u in per] == [
+        (0, 1, 0, 6), (0, 0, 0, 0), (1, 0, 1, 4), (0, 2, 0, 2), (0, 0, 2, 1)
+    ]
+    assert per[1] == WerStats(skipped_empty=1) and all(u.utterances == 1 for i, u in enumerate(per) if i != 1)
+    kept = [i for i in range(len(refs)) if refs[i]]
+    whole = jiwer.process_words([refs[i] for i in kept], [hyps[i] for i in kept])
+    pooled = WerStats.total(per)
+    assert (pooled.substitutions, pooled.deletions, pooled.insertions) == (
+        whole.substitutions, whole.deletions, whole.insertions)
+    with pytest.warns(UserWarning):
+        assert pooled == score(refs, hyps, RAW) == sum(per, WerStats())
 
 
 def test_all_references_empty_gives_no_words_and_nan_wer():
@@ -254,11 +281,22 @@ def test_report_json_schema_round_trip(report, tmp_path):
     paths = write_report(report, tmp_path / "out")
     loaded = json.loads(paths["json"].read_text())
     assert loaded == report
-    assert set(loaded) == {"reference_model", "forgetting_sets", "sets", "models"}
+    assert set(loaded) == {"reference_model", "forgetting_sets", "sets", "bootstrap", "normalization", "note",
+                           "utterance_words", "models"}
     assert loaded["reference_model"] == "generalist"
     assert loaded["forgetting_sets"] == ["test_clean", "test_other"]
+    assert loaded["bootstrap"] == {"resamples": 1000, "confidence": 0.95, "seed": 0}
+    assert loaded["normalization"] is None and loaded["note"] is None and loaded["utterance_words"] is None
     row = loaded["models"][1]
-    assert set(row) == {"name", "wer", "stats", "average_wer", "pooled_reference_wer", "forgetting_pct"}
+    assert set(row) == {"name", "checkpoint", "weights_digest", "wer", "wer_ci", "stats", "average_wer",
+                        "average_wer_ci", "pooled_reference_wer", "forgetting_pct", "forgetting_ci", "delta",
+                        "transcripts", "per_utterance"}
+    # pooled counts: every difference to the reference, no interval (null, not absent)
+    assert row["delta"]["wer"] == pytest.approx({"noise": -20.0, "test_clean": 8.0, "test_other": 0.0})
+    assert row["delta"]["average_wer"] == pytest.approx(-4.0)
+    assert row["wer_ci"] == row["delta"]["wer_ci"] == {"noise": None, "test_clean": None, "test_other": None}
+    assert row["average_wer_ci"] is row["forgetting_ci"] is row["delta"]["average_wer_ci"] is None
+    assert row["checkpoint"] is row["weights_digest"] is row["transcripts"] is row["per_utterance"] is None
     assert row["stats"]["test_other"] == {
         "substitutions": 36,
         "deletions": 0,
@@ -282,6 +320,164 @@ def test_report_markdown_has_table_vii_rows(report, tmp_path):
     assert "| better | 40.00 | 3.00 | 11.00 | 18.00 | -10.0 |" in md
 
 
+# --- intervals ---------------------------------------------------------------------------
+
+_RNG = np.random.default_rng(7)
+# reference words per utterance (0: skipped as empty) and three models' errors on each
+WORDS = {"noise": [5, 8, 0, 12, 6, 9, 4, 7], "test_clean": [10, 3, 7, 6, 11], "test_other": [9, 4, 6, 8, 2, 7]}
+ERRORS = {
+    "generalist": {s: [int(_RNG.integers(0, w + 1)) if w else 0 for w in ws] for s, ws in WORDS.items()},
+    "merged": {s: [int(_RNG.integers(0, w + 3)) if w else 0 for w in ws] for s, ws in WORDS.items()},
+}
+ERRORS["copy"] = ERRORS["generalist"]  # a row identical to the reference
+
+
+def utterances(errors: list[int], words: list[int]) -> list[WerStats]:
+    """One WerStats per utterance: errors as substitutions up to the words, the rest insertions."""
+    return [
+        WerStats(substitutions=min(e, w), insertions=e - min(e, w), words=w, utterances=1) if w
+        else WerStats(skipped_empty=1)
+        for e, w in zip(errors, words)
+    ]
+
+
+PER_UTTERANCE = {m: {s: utterances(e, WORDS[s]) for s, e in per.items()} for m, per in ERRORS.items()}
+SETTINGS = BootstrapSettings(resamples=300, confidence=0.9, seed=5)
+
+
+@pytest.fixture
+def paired():
+    return build_report(PER_UTTERANCE, "generalist", bootstrap=SETTINGS, normalization=RAW, note="tiny: ignore")
+
+
+def direct_intervals(model: str, reference: str, sets: list[str], forgetting: list[str]) -> dict:
+    """The bootstrap written as loops: the same seeded index matrices (one per set, in column
+    order), each resample's WER summed utterance by utterance."""
+    rng = np.random.default_rng(SETTINGS.seed)
+    scored = {s: [i for i, w in enumerate(WORDS[s]) if w] for s in sets}
+    draws = {s: rng.integers(0, len(scored[s]), size=(SETTINGS.resamples, len(scored[s]))) for s in sets}
+    values = {k: [] for k in ("wer", "delta", "average", "delta_average", "forgetting")}
+    for b in range(SETTINGS.resamples):
+        totals = {}
+        for name in (model, reference):
+            for s in sets:
+                picked = [scored[s][j] for j in draws[s][b]]
+                totals[name, s] = (sum(ERRORS[name][s][i] for i in picked), sum(WORDS[s][i] for i in picked))
+        wer = {(n, s): 100 * e / w for (n, s), (e, w) in totals.items()}
+        values["wer"].append([wer[model, s] for s in sets])
+        values["delta"].append([wer[model, s] - wer[reference, s] for s in sets])
+        values["average"].append(sum(wer[model, s] for s in sets) / len(sets))
+        values["delta_average"].append(values["average"][-1] - sum(wer[reference, s] for s in sets) / len(sets))
+        pooled = {n: 100 * sum(totals[n, s][0] for s in forgetting) / sum(totals[n, s][1] for s in forgetting)
+                  for n in (model, reference)}
+        values["forgetting"].append(100 * (pooled[model] - pooled[reference]) / pooled[reference])
+    q = [(1 - SETTINGS.confidence) / 2, (1 + SETTINGS.confidence) / 2]
+    return {k: np.quantile(np.array(v), q, axis=0).T.tolist() for k, v in values.items()}
+
+
+def test_intervals_equal_a_direct_resampling_loop(paired):
+    sets, forgetting = paired["sets"], paired["forgetting_sets"]
+    assert sets == ["noise", "test_clean", "test_other"]
+    for row in paired["models"]:
+        want = direct_intervals(row["name"], "generalist", sets, forgetting)
+        close = functools.partial(np.testing.assert_allclose, rtol=1e-12, atol=1e-12)
+        close([row["wer_ci"][s] for s in sets], want["wer"])
+        close([row["delta"]["wer_ci"][s] for s in sets], want["delta"])
+        close(row["average_wer_ci"], want["average"])
+        close(row["delta"]["average_wer_ci"], want["delta_average"])
+        close(row["forgetting_ci"], want["forgetting"])
+        for s in sets:  # the point estimate lies inside its interval
+            assert row["wer_ci"][s][0] <= row["wer"][s] <= row["wer_ci"][s][1]
+    merged = paired["models"][1]
+    assert merged["delta"]["wer_ci"]["noise"][1] > merged["delta"]["wer_ci"]["noise"][0]  # not degenerate
+
+
+def test_a_model_paired_with_itself_has_exactly_zero_intervals(paired):
+    rows = {m["name"]: m for m in paired["models"]}
+    for name in ("generalist", "copy"):  # the reference itself, and a row identical to it
+        row = rows[name]
+        assert row["delta"]["wer"] == dict.fromkeys(paired["sets"], 0.0)
+        assert row["delta"]["wer_ci"] == dict.fromkeys(paired["sets"], [0.0, 0.0])
+        assert row["delta"]["average_wer_ci"] == [0.0, 0.0] and row["forgetting_ci"] == [0.0, 0.0]
+        assert row["wer_ci"] == rows["generalist"]["wer_ci"]
+    boot = PairedBootstrap.from_report(paired)
+    assert np.array_equal(boot.wer("merged", "noise") - boot.wer("merged", "noise"), np.zeros(SETTINGS.resamples))
+    assert boot.intervals({"self": boot.mean_wer("merged", paired["sets"]) - boot.mean_wer("merged", paired["sets"])}) \
+        == {"self": [0.0, 0.0]}
+
+
+def test_report_with_intervals_round_trips_through_json(paired, tmp_path):
+    loaded = json.loads(write_report(paired, tmp_path)["json"].read_text())
+    assert loaded == paired
+    assert loaded["utterance_words"] == WORDS
+    assert loaded["normalization"] == {"lowercase": False, "strip_punctuation": False, "english": False}
+    merged = loaded["models"][1]
+    assert merged["per_utterance"]["noise"]["substitutions"][:3] == [u.substitutions for u in PER_UTTERANCE["merged"]["noise"][:3]]
+    assert merged["stats"]["noise"]["skipped_empty"] == 1 and merged["stats"]["noise"]["utterances"] == 7
+    assert results_from_report(loaded) == PER_UTTERANCE
+    again = build_report(results_from_report(loaded), "generalist", bootstrap=loaded["bootstrap"],
+                         normalization=loaded["normalization"], note=loaded["note"])
+    assert again == loaded
+    boot = PairedBootstrap.from_report(loaded)  # the report's own resamples
+    assert boot.intervals({"x": boot.wer("merged", "test_other")})["x"] == merged["wer_ci"]["test_other"]
+    text = (tmp_path / "report.json").read_text()
+    assert '"noise": [5, 8, 0, 12, 6, 9, 4, 7]' in text  # a column of counts stays on one line
+
+
+def test_sources_are_recorded_per_row():
+    sources = {"merged": ModelSource("merged.nemo", "ab" * 32, {"noise": "transcripts/merged/noise.json"})}
+    report = build_report(RESULTS, "generalist", sources=sources)
+    rows = {m["name"]: m for m in report["models"]}
+    assert (rows["merged"]["checkpoint"], rows["merged"]["weights_digest"]) == ("merged.nemo", "ab" * 32)
+    assert rows["merged"]["transcripts"] == {"noise": "transcripts/merged/noise.json"}
+    assert rows["generalist"]["checkpoint"] is None
+
+
+def test_markdown_shows_intervals_differences_note_and_normalisation(paired):
+    md = render_markdown(paired)
+    merged = paired["models"][1]
+    half = (merged["wer_ci"]["noise"][1] - merged["wer_ci"]["noise"][0]) / 2
+    assert f"| merged | {merged['wer']['noise']:.2f} ±{half:.1f} |" in md
+    assert "| generalist | " in md and "+0.0 ±0.0 |" in md  # the reference's own Forgetting %
+    assert "## Difference to `generalist`" in md and "| copy | +0.00 ±0.0 | +0.00 ±0.0 | +0.00 ±0.0 | +0.00 ±0.0 |" in md
+    assert "**tiny: ignore**" in md
+    assert "90% bootstrap interval (300 resamples of each set's utterances, seed 5" in md
+    assert "Text normalisation of references and hypotheses: lowercase: false, strip_punctuation: false, english: false." in md
+
+
+def test_per_utterance_counts_must_pair_up():
+    other = {**PER_UTTERANCE, "merged": {**PER_UTTERANCE["merged"], "noise": utterances([1] * 8, [5] * 8)}}
+    with pytest.raises(EvaluationError, match="model 'merged', set 'noise': its utterances' reference words differ"):
+        build_report(other, "generalist")
+    two = {**PER_UTTERANCE, "merged": {**PER_UTTERANCE["merged"], "noise": [WerStats(words=4, utterances=2)]}}
+    with pytest.raises(EvaluationError, match="set 'noise', utterance 0: not the counts of one utterance"):
+        build_report(two, "generalist")
+    # one model given pooled counts: the report has no intervals, and says so with nulls
+    mixed = {**PER_UTTERANCE, "merged": {s: WerStats.total(u) for s, u in PER_UTTERANCE["merged"].items()}}
+    report = build_report(mixed, "generalist")
+    assert report["utterance_words"] is None and all(m["forgetting_ci"] is None for m in report["models"])
+
+
+def test_bootstrap_and_note_config_keys():
+    base = {"models": ["a.nemo"], "manifests": {"test_clean": "c.json", "test_other": "o.json"}}
+    config = EvalConfig.from_mapping({**base, "bootstrap": {"resamples": 200, "seed": 3}, "note": "draft"})
+    assert config.bootstrap == BootstrapSettings(resamples=200, confidence=0.95, seed=3) and config.note == "draft"
+    with pytest.raises(EvaluationError, match="unknown bootstrap key\\(s\\) 'samples'"):
+        EvalConfig.from_mapping({**base, "bootstrap": {"samples": 10}})
+    with pytest.raises(EvaluationError, match="'confidence' must be a number between 0 and 1, got 95"):
+        EvalConfig.from_mapping({**base, "bootstrap": {"confidence": 95}})
+    with pytest.raises(EvaluationError, match="evaluation key 'note' must be a string"):
+        EvalConfig.from_mapping({**base, "note": 3})
+
+
+def test_transcript_paths_are_distinct_folder_names():
+    paths = transcript_paths(["AoDE x4", "AoDE_x4", "sequential a>b"], ["test_clean"], ".json")
+    assert paths["AoDE x4"] == {"test_clean": "transcripts/AoDE_x4/test_clean.json"}
+    assert paths["AoDE_x4"]["test_clean"] == "transcripts/AoDE_x4-2/test_clean.json"
+    assert paths["sequential a>b"]["test_clean"] == "transcripts/sequential_a_b/test_clean.json"
+    assert safe_names(["../x", "a/b"]) == {"../x": "_x", "a/b": "a_b"}
+
+
 def test_report_png_is_a_real_image(report, tmp_path):
     from matplotlib.image import imread
 
@@ -299,6 +495,87 @@ def test_report_files_are_replaced_whole(report, tmp_path):
     write_report(rep2, tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json", "report.md", "report.png"]
     assert "better" not in (tmp_path / "report.md").read_text()
+
+
+def synthetic_report(rows: int, sets: int, intervals: bool = True) -> dict:
+    """``rows`` models over ``sets`` sets, the last two the forgetting sets. With ``intervals``,
+    every bootstrap field, and forgetting undefined (null) for every third model; the
+    difference to the reference excludes 0 where it is at least 5 points."""
+    names = [f"domain_{j}" for j in range(sets - 2)] + ["test_clean", "test_other"]
+    reference = {s: 20.0 + j for j, s in enumerate(names)}
+    models = []
+    for i in range(rows):
+        wer = {s: reference[s] + (7 * i + 3 * j) % 23 - 8 if i else reference[s] for j, s in enumerate(names)}
+        average = sum(wer.values()) / sets
+        forgetting = 0.0 if i == 0 else (None if intervals and i % 3 == 2 else 1.5 * i - 9)
+        model = {"name": "generalist" if i == 0 else f"merge {i} " + "with a long name " * (i % 4),
+                 "wer": wer, "average_wer": average, "pooled_reference_wer": 20.0, "forgetting_pct": forgetting}
+        if intervals:
+            delta = {s: wer[s] - reference[s] for s in names}
+            model |= {
+                "wer_ci": {s: [w - 2.0, w + 2.0] for s, w in wer.items()},
+                "average_wer_ci": [average - 1.0, average + 1.0],
+                "forgetting_ci": None if forgetting is None else [forgetting - 2.0, forgetting + 3.0],
+                "delta": {"wer": delta, "wer_ci": {s: [d - 4.9, d + 4.9] for s, d in delta.items()},
+                          "average_wer": 0.0, "average_wer_ci": None},
+            }
+        models.append(model)
+    return {"reference_model": "generalist", "forgetting_sets": names[-2:], "sets": names,
+            "bootstrap": {"resamples": 1000, "confidence": 0.95, "seed": 0} if intervals else None,
+            "note": "smoke run: numbers only check the pipeline" if intervals else None, "models": models}
+
+
+def interval_count(ax) -> int:
+    from matplotlib.container import ErrorbarContainer
+
+    return sum(len(c.lines[2][0].get_segments()) for c in ax.containers if isinstance(c, ErrorbarContainer))
+
+
+@pytest.mark.parametrize("rows, sets, intervals", [(1, 2, True), (30, 8, True), (4, 3, False)])
+def test_report_figure_has_its_three_panels(rows, sets, intervals):
+    from merge_core.evaluation.plot import _report_figure
+
+    report = synthetic_report(rows, sets, intervals)
+    fig = _report_figure(report)
+    heat, bars, scatter = fig.axes
+    assert len(fig.axes) == 3
+    models, columns = report["models"], [*report["sets"], "Average"]
+    # every cell holds its WER, coloured by the difference to the reference's
+    wers = [[*(m["wer"][s] for s in report["sets"]), m["average_wer"]] for m in models]
+    assert [t.get_text() for t in heat.texts] == [f"{w:.1f}" for row in wers for w in row]
+    colours = heat.images[0].get_array()
+    assert colours.shape == (rows, len(columns))
+    assert colours.ravel().tolist() == pytest.approx([w - ref for row in wers for w, ref in zip(row, wers[0])])
+    bold = [t.get_text() for t in heat.texts if t.get_fontweight() == "bold"]
+    assert bold == [f"{w:.1f}" for row in wers for w, ref in zip(row[:-1], wers[0]) if intervals and abs(w - ref) >= 5]
+    assert [t.get_text() for t in heat.get_yticklabels()] == [f"{i}  {m['name']}" for i, m in enumerate(models, 1)]
+    # forgetting: an interval per defined value, the reference labelled, n/a where undefined
+    defined = [m for m in models if m["forgetting_pct"] is not None]
+    assert interval_count(bars) == interval_count(scatter) == (len(defined) if intervals else 0)
+    labels = [t.get_text() for t in bars.texts]
+    assert labels[0] == "reference" and labels.count("n/a") == rows - len(defined)
+    # the scatter numbers its points as the heat map's rows, and no two numbers overlap
+    numbers = [t for t in scatter.texts if t.get_text().isdigit()]
+    assert [t.get_text() for t in numbers] == [str(i) for i, m in enumerate(models, 1) if m["forgetting_pct"] is not None]
+    renderer = fig.canvas.get_renderer()
+    boxes = [t.get_window_extent(renderer) for t in numbers]
+    assert not [(a, b) for k, a in enumerate(boxes) for b in boxes[k + 1 :] if a.overlaps(b)]
+    assert (fig._suptitle is not None) == intervals
+
+
+def test_report_png_grows_with_its_rows(tmp_path):
+    from matplotlib.image import imread
+
+    from merge_core.evaluation.plot import plot_report
+
+    sizes = []
+    for rows, sets in ((1, 2), (30, 8)):
+        png = tmp_path / f"{rows}.png"
+        plot_report(synthetic_report(rows, sets), png)
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        sizes.append(imread(png).shape[:2])
+    (small_h, small_w), (big_h, big_w) = sizes
+    assert big_h > 2.5 * small_h and big_w > small_w
 
 
 # --- cache ------------------------------------------------------------------------------

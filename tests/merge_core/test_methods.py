@@ -32,7 +32,22 @@ def experts():
 
 
 def test_registry_lists_every_method():
-    assert available_methods() == ["average", "dare_linear", "dare_ties", "extreme", "slerp", "task_arithmetic", "ties"]
+    assert available_methods() == [
+        "average",
+        "breadcrumbs",
+        "dare_linear",
+        "dare_ties",
+        "della",
+        "extreme",
+        "iso_c",
+        "iso_cts",
+        "model_stock",
+        "regmean",
+        "slerp",
+        "task_arithmetic",
+        "ties",
+        "tsv",
+    ]
 
 
 @pytest.mark.parametrize("weights", [[1, 1, 1], [4, 1, 1], [0.5, 0, 2]])

@@ -86,7 +86,8 @@ def test_cli_lists_methods():
     done = subprocess.run([ASR_MERGE, "methods"], capture_output=True, text=True)
     assert done.returncode == 0
     assert [line.split()[0] for line in done.stdout.splitlines()] == [
-        "average", "dare_linear", "dare_ties", "extreme", "slerp", "task_arithmetic", "ties", "mam", "greedy_soup", "search"
+        "average", "breadcrumbs", "dare_linear", "dare_ties", "della", "extreme", "iso_c", "iso_cts", "model_stock",
+        "regmean", "slerp", "task_arithmetic", "ties", "tsv", "mam", "greedy_soup", "search"
     ]
 
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from merge_core import Recipe, iter_merged, open_inputs
 from merge_core.methods.sparsify import ModelMagnitudeTrim, kept_count, magnitude_trim
+from merge_core.registry import TensorInputs, get_method
 from tests.merge_core.conftest import make_state, save_kind
 
 
@@ -96,3 +98,83 @@ def test_dare_masks_do_not_depend_on_visit_order(tmp_path):
         forward = dict(iter_merged(recipe, inputs, names, progress=False))
         backward = dict(iter_merged(recipe, inputs, names[::-1], progress=False))
     assert all(torch.equal(forward[n], backward[n]) for n in names)
+
+
+# ---- the optimised per-tensor TIES against the straightforward code it replaced, bit for bit
+
+
+def straightforward_trim(tau: torch.Tensor, density: float) -> torch.Tensor:
+    """Exact-k trimming as first written: numpy.argpartition's k largest |tau| (which
+    of the entries tied at the cut it keeps is argpartition's choice), one float mask."""
+    flat = tau.reshape(-1)
+    n = flat.numel()
+    k = max(1, min(n, int(density * n + 0.5)))
+    if k >= n:
+        return tau
+    magnitudes = flat.abs().to(torch.float64 if flat.dtype == torch.float64 else torch.float32).numpy()
+    keep = torch.zeros_like(flat)
+    keep[torch.from_numpy(np.argpartition(magnitudes, n - k)[n - k :])] = 1
+    return (flat * keep).view(tau.shape)
+
+
+def straightforward_ties(base, models, weights, lam, density):
+    """TIES as first written: trim, gamma = sgn(sum w_i tau_hat_i) (0 -> +), disjoint
+    weighted mean of the agreeing entries, theta_0 + lambda * tau_m."""
+    trimmed = [straightforward_trim(m - base, density) for m in models]
+    mass = torch.zeros_like(base)
+    for w, tau in zip(weights, trimmed):
+        mass.add_(tau, alpha=w)
+    sign = (mass >= 0).to(base.dtype) * 2 - 1
+    num, den = torch.zeros_like(base), torch.zeros_like(base)
+    for w, tau in zip(weights, trimmed):
+        agreeing = (tau * sign).clamp_min_(0)
+        num.add_(agreeing, alpha=w)
+        den.add_(agreeing.sign_(), alpha=w)
+    return base + lam * (sign * num / den.clamp_min(torch.finfo(den.dtype).tiny))
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal dtype, shape and bytes (NaN payloads and the signs of zeros included)."""
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+
+
+def task_vectors_like(kind: str, shape: tuple[int, ...], dtype: torch.dtype, experts: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(shape, generator=g, dtype=torch.float64)
+    deltas = [1e-3 * torch.randn(shape, generator=g, dtype=torch.float64) for _ in range(experts)]
+    if kind == "bf16":  # few distinct magnitudes: ties at the cut
+        deltas = [d.to(torch.bfloat16).double() for d in deltas]
+    if kind == "zero":
+        deltas = [torch.zeros(shape, dtype=torch.float64) for _ in range(experts)]
+    if kind == "nonfinite":  # allow_nonfinite merges: NaN and inf must propagate as they did
+        deltas[0].view(-1)[:: max(1, deltas[0].numel() // 3)] = float("nan")
+        deltas[-1].view(-1)[0] = float("inf")
+    return base.to(dtype), [(base + d).to(dtype) for d in deltas]
+
+
+# sizes: whole-array selection, the sampled bracket (>= 4096 entries), threads and several
+# chunks and spans (>= 65536 entries)
+@pytest.mark.parametrize("shape", [(1,), (7, 3), (80, 64), (3, 50_000)])
+@pytest.mark.parametrize("kind", ["gauss", "bf16", "zero", "nonfinite"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_ties_per_tensor_is_bit_identical_to_the_straightforward_code(shape, kind, dtype):
+    method = get_method("ties")
+    base, models = task_vectors_like(kind, shape, dtype, 3, seed=len(shape) + shape[0])
+    for density, weights, lam in [(0.2, [1.0, 1.0, 1.0], 1.0), (0.01, [3.0, 0.5, 0.0], 0.7), (0.999, [1.0, 2.0, 1.0], 1.3)]:
+        inputs = TensorInputs("w", base, models, torch.tensor(weights, dtype=torch.float64), trim=lambda tau, i, d: magnitude_trim(tau, d))
+        got = method.fn(inputs, {**method.defaults, "density": density, "lambda": lam})
+        want = straightforward_ties(base, models, weights, lam, density)
+        assert same_bits(got, want), (density, weights)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_magnitude_trim_keeps_argpartitions_entries_with_ties_nan_and_inf(dtype):
+    g = torch.Generator().manual_seed(5)
+    for n in (5, 5000, 20_000):
+        tau = (torch.randn(n, generator=g) * 4).round() / 4  # magnitudes tie everywhere
+        tau[:: n // 5] = float("nan")
+        tau[1 :: n // 5] = -float("inf")
+        clean = torch.randn(n, generator=g)  # no ties: the sampled bracket's path
+        for t in (tau.to(dtype), clean.to(dtype)):
+            for density in (0.001, 0.3, 0.9):
+                assert same_bits(magnitude_trim(t, density), straightforward_trim(t, density)), (n, density)

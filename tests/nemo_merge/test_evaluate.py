@@ -11,6 +11,7 @@ import pytest
 import torch
 import yaml
 
+from merge_core.checkpoint.provenance import file_sha256
 from merge_core.errors import ManifestError
 from merge_core.evaluation.runner import EvalConfig, run_evaluation
 from merge_core.evaluation.manifests import read_nemo_manifest
@@ -75,11 +76,27 @@ def nemo_reference_wer(path: Path, manifest: Path) -> tuple[float, list[str]]:
 
 def test_eval_wer_equals_nemo_transcribe_and_word_error_rate(tmp_path, tiny_nemo_base, babbler, test_sets):
     report, files = evaluate(config(tmp_path, {"generalist": tiny_nemo_base, "babbler": babbler}, test_sets), progress=False)
+    from nemo.collections.asr.metrics.wer import word_error_rate_detail
+
     rows = {m["name"]: m for m in report["models"]}
     for name, manifest in test_sets.items():
         want, hyps = nemo_reference_wer(babbler, manifest)
         assert any(hyps), "the babbler must say something"
         assert rows["babbler"]["wer"][name] == pytest.approx(100 * want, abs=1e-9)
+        # transcripts as NeMo's transcribe_speech.py writes them: each manifest entry with its pred_text
+        written = [json.loads(line) for line in (files["json"].parent / rows["babbler"]["transcripts"][name]).open()]
+        entries = [json.loads(line) for line in manifest.read_text().splitlines()]
+        assert written == [{**entry, "pred_text": hyp} for entry, hyp in zip(entries, hyps)]
+        # per-utterance counts: NeMo's own per-utterance detail, utterance by utterance
+        counts = rows["babbler"]["per_utterance"][name]
+        for i, (entry, hyp) in enumerate(zip(entries, hyps)):
+            wer, words, *_ = word_error_rate_detail([hyp], [entry["text"]])
+            assert report["utterance_words"][name][i] == words
+            assert sum(counts[k][i] for k in ("substitutions", "deletions", "insertions")) == round(wer * words)
+    assert rows["babbler"]["checkpoint"] == str(babbler) and rows["babbler"]["weights_digest"] == file_sha256(babbler)
+    assert rows["generalist"]["delta"]["wer_ci"] == dict.fromkeys(test_sets, [0.0, 0.0])
+    lo, hi = rows["babbler"]["forgetting_ci"]
+    assert lo <= rows["babbler"]["forgetting_pct"] <= hi
     stats = rows["babbler"]["stats"]
     pooled = (stats["test_clean"]["substitutions"] + stats["test_clean"]["deletions"] + stats["test_clean"]["insertions"]
               + stats["test_other"]["substitutions"] + stats["test_other"]["deletions"] + stats["test_other"]["insertions"])
@@ -108,10 +125,13 @@ class CountingBackend(NemoBackend):
 def test_each_model_and_manifest_is_transcribed_once(tmp_path, tiny_nemo_base, babbler, test_sets):
     cfg = EvalConfig.from_mapping(config(tmp_path, {"generalist": tiny_nemo_base, "babbler": babbler}, test_sets))
     first, second = CountingBackend(), CountingBackend()
-    report1, _ = run_evaluation(first, cfg, progress=False)
+    report1, files = run_evaluation(first, cfg, progress=False)
+    transcripts = {p: p.read_text() for p in files["transcripts"].rglob("*.json")}
     report2, _ = run_evaluation(second, cfg, progress=False)
     assert first.calls == 6 and second.calls == 0
     assert report1 == report2
+    # the cached hypotheses give the same transcripts, one file per model and set
+    assert len(transcripts) == 6 and {p: p.read_text() for p in files["transcripts"].rglob("*.json")} == transcripts
     more = EvalConfig.from_mapping(config(tmp_path, {"babbler": babbler}, test_sets, max_utterances=1))
     third = CountingBackend()
     run_evaluation(third, more, progress=False)

@@ -74,9 +74,9 @@ def eval_config(sb_data, sb_generalist, models: list[dict[str, str]], out: Path,
 
 
 @pytest.fixture(scope="module")
-def report(tmp_path_factory, sb_data, sb_generalist, merged, inference_folder) -> dict[str, Any]:
+def report_dir(tmp_path_factory, sb_data, sb_generalist, merged, inference_folder) -> Path:
     """``asr-merge eval CONFIG toolkit=speechbrain`` on the generalist (as a checkpoint
-    folder and as a published folder) and the TIES merge; the report.json it wrote."""
+    folder and as a published folder) and the TIES merge; the folder it wrote."""
     out = tmp_path_factory.mktemp("sb_eval")
     models = [
         {"name": "generalist", "model": str(sb_generalist.last)},
@@ -86,7 +86,13 @@ def report(tmp_path_factory, sb_data, sb_generalist, merged, inference_folder) -
     config = out / "eval.yaml"
     config.write_text(yaml.safe_dump(eval_config(sb_data, sb_generalist, models, out)))
     assert asr_merge(["eval", str(config), "toolkit=speechbrain", "-q"]) == 0
-    return json.loads((out / "report" / "report.json").read_text())
+    return out / "report"
+
+
+@pytest.fixture(scope="module")
+def report(report_dir) -> dict[str, Any]:
+    """The report.json of :func:`report_dir`."""
+    return json.loads((report_dir / "report.json").read_text())
 
 
 def stats(report: dict[str, Any], model: str, test_set: str) -> dict[str, Any]:
@@ -110,7 +116,7 @@ def speechbrain_wer(sb_hparams, sb_generalist, checkpoint: Path, csv: Path, work
 @pytest.mark.parametrize("test_set", SETS)
 @pytest.mark.parametrize("model", ["generalist", "ties"])
 def test_wer_equals_speechbrains_error_rate_stats(
-    tmp_path, report, sb_data, sb_hparams, sb_generalist, merged, model, test_set
+    tmp_path, report, report_dir, sb_data, sb_hparams, sb_generalist, merged, model, test_set
 ):
     checkpoint = {"generalist": sb_generalist.last, "ties": merged}[model]
     csv = {"test_clean": sb_data.test_clean_csv, "test_other": sb_data.test_other_csv}[test_set]
@@ -126,6 +132,17 @@ def test_wer_equals_speechbrains_error_rate_stats(
         theirs["insertions"],
     )
     assert ours["wer"] == pytest.approx(theirs["WER"])
+    # the transcripts CSV, utterance by utterance: SpeechBrain's own per-utterance counts
+    row = next(m for m in report["models"] if m["name"] == model)
+    written = read_csv(report_dir / row["transcripts"][test_set])
+    assert list(written[0]) == ["ID", "wrd", "hypothesis", "substitutions", "deletions", "insertions", "words"]
+    per_utterance = {s["key"]: s for s in metric.scores}
+    assert [r["ID"] for r in written] == [r["ID"] for r in read_csv(csv)] and set(per_utterance) == {r["ID"] for r in written}
+    for r in written:
+        theirs = per_utterance[r["ID"]]
+        assert r["hypothesis"].split() == [t for t in theirs["hyp_tokens"] if t]
+        assert [int(r[k]) for k in ("substitutions", "deletions", "insertions", "words")] == [
+            theirs["substitutions"], theirs["deletions"], theirs["insertions"], theirs["num_ref_tokens"]]
 
 
 def test_a_published_folder_decodes_like_its_checkpoint_folder(report):
@@ -145,7 +162,9 @@ def test_speechbrain_style_script_writes_the_report_files(tmp_path, sb_data, sb_
     config.write_text(yaml.safe_dump(eval_config(sb_data, sb_generalist, models, tmp_path, toolkit="speechbrain")))
     out = tmp_path / "cli_report"
     assert evaluate_main([str(config), f"--output_dir={out}", "--max_utterances=2", "--cache=false"]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["eval.log", "report.json", "report.md", "report.png"]
+    assert sorted(p.name for p in out.iterdir()) == ["eval.log", "report.json", "report.md", "report.png", "transcripts"]
+    assert sorted(p.relative_to(out).as_posix() for p in (out / "transcripts").rglob("*.csv")) == [
+        f"transcripts/{m}/{s}.csv" for m in ("generalist", "ties") for s in SETS]
     written = json.loads((out / "report.json").read_text())
     assert stats(written, "ties", "test_other")["utterances"] == 2
     assert "| ties |" in (out / "report.md").read_text()

@@ -181,6 +181,10 @@ class DemoPlan:
         return self.out / "snapshots" / self.expert_path(job).name if job.snapshots else None
 
     def manifest(self, domain: str, split: str) -> Path:
+        """A split's manifest; the original domain's ``train`` and ``dev`` are LibriSpeech's
+        ``train-clean-100`` and ``dev-clean`` (so an expert of the original domain trains as any other)."""
+        if domain == ORIGINAL:
+            split = {"train": "train-clean-100", "dev": "dev-clean"}.get(split, split)
         return self.out / "manifests" / self.toolkit.name / domain / manifest_name(split, self.toolkit.name)
 
 

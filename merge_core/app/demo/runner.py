@@ -81,6 +81,36 @@ def evaluation_rows(plan: DemoPlan, steps: list[MergeStep]) -> list[dict[str, st
     return rows
 
 
+def make_plan(
+    toolkit: DemoToolkit,
+    size: str,
+    out: str | Path | None,
+    corpus: str | Path | None,
+    generalist: str | Path | None,
+    seed: int,
+    upweighted: str,
+) -> DemoPlan:
+    """A run's plan: ``out`` defaults to ``outputs/demo/<toolkit>-<size>``, the corpus to
+    ``<out>/corpus``, the generalist to the toolkit's shipped (or prepared) one."""
+    out = Path(out or f"outputs/demo/{toolkit.label or toolkit.name}-{size}").resolve()
+    if generalist is None and toolkit.prepare_generalist is not None:
+        generalist = toolkit.prepare_generalist(out)
+    return DemoPlan(toolkit, out, Path(corpus or out / "corpus").resolve(),
+                    Path(generalist or toolkit.generalist).resolve(), toolkit.sizes[size], seed, upweighted)
+
+
+SMOKE_NOTE = "smoke-size run: these numbers are not meant to be read (a few utterances per set, experts barely trained)"
+
+
+def size_note(size: str) -> str | None:
+    """The note a report of a demo of ``size`` carries: the smoke size's warning, else none.
+
+    >>> size_note("default") is None, size_note("smoke") == SMOKE_NOTE
+    (True, True)
+    """
+    return SMOKE_NOTE if size == "smoke" else None
+
+
 def run_demo(
     toolkit: DemoToolkit,
     size: str = "default",
@@ -93,11 +123,8 @@ def run_demo(
 ) -> dict[str, Any]:
     """Run the whole demo (see the module docstring) with ``toolkit``; returns ``demo.json``'s content."""
     start = time.perf_counter()
-    out = Path(out or f"outputs/demo/{toolkit.label or toolkit.name}-{size}").resolve()
-    if generalist is None and toolkit.prepare_generalist is not None:
-        generalist = toolkit.prepare_generalist(out)
-    plan = DemoPlan(toolkit, out, Path(corpus or out / "corpus").resolve(),
-                    Path(generalist or toolkit.generalist).resolve(), toolkit.sizes[size], seed, upweighted)
+    plan = make_plan(toolkit, size, out, corpus, generalist, seed, upweighted)
+    out = plan.out
     prepare_data(plan)
     steps = merge_steps(plan)
     run_pipeline(plan, all_jobs(plan), steps, jobs or max(1, os.cpu_count() or 1))
@@ -109,10 +136,12 @@ def run_demo(
         "manifests": {k: str(v) for k, v in manifests.items()},
         "forgetting_sets": list(FORGETTING_SETS),
         "output_dir": str(out / "report"),
+        "note": size_note(size),
     })
     summary = {
         "toolkit": toolkit.name,
         "size": size,
+        "note": size_note(size),
         "seconds": round(time.perf_counter() - start, 1),
         "cpus": os.cpu_count(),
         "report": {kind: str(path) for kind, path in files.items()},
@@ -120,6 +149,6 @@ def run_demo(
     }
     write_text_atomically(out / "demo.json", json.dumps(summary, indent=2) + "\n")
     for claim in summary["claims"]:
-        print(f"[{'holds' if claim['holds'] else 'FAILS'}] {claim['claim']}: {claim['numbers']}")
+        print(f"[{claim['verdict'] if claim['verdict'] != 'fails' else 'FAILS'}] {claim['claim']}: {claim['numbers']}")
     print(f"demo ({size}) finished in {summary['seconds']:.0f} s; report in {out / 'report'}")
     return summary
