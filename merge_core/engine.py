@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -27,6 +28,7 @@ from merge_core.checkpoint.provenance import hash_in_background, provenance_reco
 from merge_core.grams import GramFiles, open_gram_files
 from merge_core.registry import TensorInputs
 from merge_core.methods.sparsify import ModelMagnitudeTrim, magnitude_trim
+from merge_core.parallel import THREADS_FROM, in_threads, numpy_ready
 
 if TYPE_CHECKING:
     from merge_core.recipes.merge import Recipe
@@ -160,13 +162,21 @@ def compute_dtype(tensors: list[torch.Tensor]) -> torch.dtype:
 def check_finite(tensor: torch.Tensor, reader: CheckpointReader, name: str) -> None:
     # a sum is one cheap pass and is non-finite whenever an entry is; only then
     # pay for the exact check (a sum of large finite values can overflow)
-    accumulate = torch.float64 if tensor.dtype == torch.float64 else torch.float32
-    if torch.isfinite(tensor.sum(dtype=accumulate)) or torch.isfinite(tensor).all():
+    if _sum_is_finite(tensor) or torch.isfinite(tensor).all():
         return
     bad = int((~torch.isfinite(tensor)).sum())
     raise NonFiniteError(
         f"{reader.path}: tensor {name!r} holds {bad} NaN/Inf value(s); set allow_nonfinite: true to merge anyway"
     )
+
+
+def _sum_is_finite(tensor: torch.Tensor) -> bool:
+    if numpy_ready(tensor):  # numpy wakes no torch threads to spin beside the method's (merge_core.parallel)
+        values = tensor.numpy()
+        with np.errstate(over="ignore", invalid="ignore"):  # overflow, inf - inf: the exact check follows
+            return bool(np.isfinite(values.sum(dtype=values.dtype)))
+    accumulate = torch.float64 if tensor.dtype == torch.float64 else torch.float32
+    return bool(torch.isfinite(tensor.sum(dtype=accumulate)))
 
 
 @dataclass
@@ -191,10 +201,8 @@ class TensorMerger:
         models = [r.get(name) for r in self.inputs.models]
         if not self.recipe.allow_nonfinite and name not in self._checked:
             self._checked.add(name)  # model-wide trimming reads every tensor twice
-            if base is not None:
-                check_finite(base, self.inputs.base, name)
-            for reader, tensor in zip(self.inputs.models, models):
-                check_finite(tensor, reader, name)
+            read = ([(self.inputs.base, base)] if base is not None else []) + list(zip(self.inputs.models, models))
+            in_threads(lambda pair: check_finite(pair[1], pair[0], name), read, models[0].numel() >= THREADS_FROM)
         dtype = compute_dtype(([base] if base is not None else []) + models)
         base = base.to(dtype) if base is not None else None
         return base, [m.to(dtype) for m in models], dtype

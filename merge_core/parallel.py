@@ -21,6 +21,8 @@ _T = TypeVar("_T")
 _R = TypeVar("_R")
 # dtypes whose passes run in numpy (sharing the tensor's memory)
 _NUMPY_DTYPES = (torch.float32, torch.float64)
+# from this many entries per tensor on, passes are worth spreading over threads
+THREADS_FROM = 1 << 16
 
 
 def numpy_ready(t: torch.Tensor) -> bool:

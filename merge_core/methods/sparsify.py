@@ -16,12 +16,15 @@ from __future__ import annotations
 import functools
 import hashlib
 import math
-from typing import Hashable, NamedTuple, Sequence
+from typing import TYPE_CHECKING, Hashable, NamedTuple, Sequence
 
 import numpy as np
 import torch
 
 from merge_core.parallel import numpy_ready
+
+if TYPE_CHECKING:
+    from merge_core.registry import TensorInputs
 
 # entries per chunk of the chunked passes: the arrays of a chunk stay in the CPU's cache,
 # and each numpy call is long enough (tens of microseconds) that threads rarely wait for
@@ -33,10 +36,15 @@ CHUNK = 1 << 17
 _SAMPLE = 16384
 _BRACKET_FROM = 4096
 
+# torch runs an op on fewer entries than its intra-op grain (32768) on the calling thread
+_TORCH_PIECE = 1 << 14
+
 # |x| as float32 bits shifted right by 12: 8 exponent + 11 mantissa bits, so bins
 # are monotone in magnitude and 2**-11 wide relative to it.
 _BIN_SHIFT = 12
 _NUM_BINS = 1 << (31 - _BIN_SHIFT)
+# float32 +inf as bits: larger bit patterns of a magnitude are NaN
+_INF_BITS = 0x7F800000
 
 
 def kept_count(numel: int, density: float) -> int:
@@ -59,51 +67,79 @@ def magnitude_trim(tau: torch.Tensor, density: float) -> torch.Tensor:
     if k >= numel:
         return tau
     flat = tau.reshape(-1)
+    everything = slice(0, numel)
     if numpy_ready(flat):
         values = flat.numpy()
-        return torch.from_numpy(apply_rule(values, None, trim_rule(values, None, k))).view(tau.shape)
+        return torch.from_numpy(apply_rule(values, None, trim_rule(values, None, k), everything)).view(tau.shape)
     magnitudes = flat.abs().to(torch.float32).numpy()
-    keep = rule_mask(magnitudes, trim_rule(magnitudes, None, k))
+    keep = rule_mask(magnitudes, trim_rule(magnitudes, None, k), everything)
     return (flat * torch.from_numpy(keep)).view(tau.shape)
 
 
+class TrimCut(NamedTuple):
+    """The k-th largest |tau| (``cut``), and whether an entry ranked below it has the same
+    magnitude (``tied``: then which of the entries at the cut are kept is argpartition's
+    choice, :func:`kept_at_cut`)."""
+
+    cut: np.floating
+    tied: bool
+
+
 class TrimRule(NamedTuple):
-    """Which entries per-tensor trimming keeps: those with |tau| >= ``cut``, or, when
-    ``cut`` is None, those of ``mask``. ``finite``: no |tau| is NaN or inf."""
+    """Which entries per-tensor trimming keeps. With a ``cut``: those with |tau| > cut,
+    and of those with |tau| == cut the ones at the positions ``at_cut`` (all of them when
+    None). Without (a NaN or inf |tau|): those of ``mask``."""
 
     cut: np.floating | None
-    mask: np.ndarray | None
-    finite: bool
+    at_cut: np.ndarray | None = None
+    mask: np.ndarray | None = None
 
 
 def trim_rule(theta: np.ndarray, base: np.ndarray | None, k: int) -> TrimRule:
     """Which k of the n entries of tau = theta - base (theta itself when ``base`` is None;
     1-D arrays) have the largest |tau|: the k that ``numpy.argpartition(|tau|, n - k)``
-    puts last, NaN counted largest.
+    puts last, NaN counted largest (:func:`trim_cut`, then :func:`kept_at_cut` when
+    magnitudes tie at the cut)."""
+    found = trim_cut(theta, base, k)
+    if found is None:
+        with np.errstate(invalid="ignore", over="ignore"):
+            return TrimRule(None, mask=_argpartition_mask(_magnitudes(theta, base), k))
+    return TrimRule(found.cut, kept_at_cut(theta, base, k, found.cut) if found.tied else None)
 
-    When no other magnitude equals the k-th largest, these are exactly the entries >= it
-    (a cut), found without holding |tau| whole: a random sample brackets the cut, one
-    chunked pass counts the magnitudes above the bracket and gathers those inside it, and
-    a partition of the few inside finds the cut (:func:`_bracket`). Ties at the cut (or
-    NaN) take argpartition itself, on |tau| whole: which tied entries it keeps depends on
-    its partitioning order, and trimming keeps the entries it always kept.
+
+def trim_cut(theta: np.ndarray, base: np.ndarray | None, k: int) -> TrimCut | None:
+    """The k-th largest |tau| for tau = theta - base (theta itself when ``base`` is None;
+    1-D arrays), and whether it ties; None when a |tau| is NaN or inf.
+
+    Found without holding |tau| whole: a random sample brackets the cut, one chunked pass
+    counts the magnitudes above the bracket and gathers those inside it, and a partition
+    of the few inside finds the cut (:func:`_bracket`).
     """
     with np.errstate(invalid="ignore", over="ignore"):  # inf - inf, overflow: as torch, silently
         if theta.size >= _BRACKET_FROM:
             inside, above, top = _bracket(theta, base, k)
+            if not np.isfinite(top):
+                return None
             rank = k - above  # of the cut, from the top, among the entries inside the bracket
-            if np.isfinite(top) and 0 < rank <= inside.size:
-                cut = _exact_cut(inside, rank)
-                if cut is not None:
-                    return TrimRule(cut, None, True)
-                return TrimRule(None, _argpartition_mask(_magnitudes(theta, base), k), True)
-        # a small array, a missed bracket (about once in 30,000) or a NaN/inf: the whole array
+            if 0 < rank <= inside.size:
+                return _rank_cut(inside, rank)
+        # a small array or a missed bracket (about once in 30,000): the whole array
         magnitudes = _magnitudes(theta, base)
-        finite = bool(np.isfinite(magnitudes.max()))
-        cut = _exact_cut(magnitudes, k) if finite else None
-        if cut is not None:
-            return TrimRule(cut, None, True)
-        return TrimRule(None, _argpartition_mask(magnitudes, k), finite)
+        if not np.isfinite(magnitudes.max()):
+            return None
+        return _rank_cut(magnitudes, k)
+
+
+def kept_at_cut(theta: np.ndarray, base: np.ndarray | None, k: int, cut: np.floating) -> np.ndarray:
+    """The positions (sorted) of the entries with |tau| == ``cut`` that
+    ``numpy.argpartition(|tau|, n - k)`` puts among the last k. Which tied entries it
+    keeps depends on its partitioning order over the whole array, so it runs on |tau|
+    whole: trimming keeps the entries it always kept."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        magnitudes = _magnitudes(theta, base)
+    n = magnitudes.size
+    top = np.argpartition(magnitudes, n - k)[n - k :]
+    return np.sort(top[magnitudes[top] == cut])
 
 
 def _magnitudes(theta: np.ndarray, base: np.ndarray | None, out: np.ndarray | None = None) -> np.ndarray:
@@ -114,15 +150,12 @@ def _magnitudes(theta: np.ndarray, base: np.ndarray | None, out: np.ndarray | No
     return np.abs(diff, out=diff)
 
 
-def _exact_cut(values: np.ndarray, rank: int) -> np.floating | None:
-    """The rank-th largest of ``values``, or None when another value equals it or one is NaN."""
+def _rank_cut(values: np.ndarray, rank: int) -> TrimCut:
+    """The rank-th largest of ``values`` (none NaN), and whether a value ranked below it equals it."""
     split = values.size - rank
     part = np.partition(values, split)
     cut = part[split]
-    # the entries after split are >= cut, NaN counted largest; those before are <= cut
-    if np.isnan(part[split:].max()) or (split and part[:split].max() == cut):
-        return None
-    return cut
+    return TrimCut(cut, bool(split) and bool(part[:split].max() == cut))
 
 
 def _argpartition_mask(magnitudes: np.ndarray, k: int) -> np.ndarray:
@@ -178,31 +211,64 @@ def _sample_positions(n: int) -> np.ndarray:
     return positions
 
 
-def rule_mask(magnitudes: np.ndarray, rule: TrimRule) -> np.ndarray:
-    """The entries ``rule`` keeps, as a boolean mask, given every |tau|."""
-    return rule.mask if rule.cut is None else magnitudes >= rule.cut
+def rule_mask(
+    magnitudes: np.ndarray, rule: TrimRule, positions: slice | np.ndarray, out: np.ndarray | None = None
+) -> np.ndarray:
+    """The entries ``rule`` keeps among ``magnitudes``, the |tau| of the entries at
+    ``positions`` (a slice or sorted indices), as a boolean mask (into ``out`` when given)."""
+    if rule.cut is None:
+        return rule.mask[positions]
+    if rule.at_cut is None:
+        return np.greater_equal(magnitudes, rule.cut, out=out)
+    return mark_positions(np.greater(magnitudes, rule.cut, out=out), rule.at_cut, positions)
+
+
+def mark_positions(keep: np.ndarray, marked: np.ndarray, positions: slice | np.ndarray) -> np.ndarray:
+    """``keep`` (a mask of the entries at ``positions``: a slice or sorted indices) with
+    the entries at the sorted positions ``marked`` set."""
+    if isinstance(positions, slice):
+        lo, hi = np.searchsorted(marked, [positions.start, positions.stop])
+        keep[marked[lo:hi] - positions.start] = True
+    else:
+        keep |= np.isin(positions, marked, assume_unique=True)
+    return keep
 
 
 def apply_rule(
-    theta: np.ndarray, base: np.ndarray | None, rule: TrimRule, out: np.ndarray | None = None,
-    start: int = 0, scratch: tuple[np.ndarray, np.ndarray] | None = None,
+    theta: np.ndarray, base: np.ndarray | None, rule: TrimRule, positions: slice | np.ndarray,
+    out: np.ndarray | None = None, scratch: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> np.ndarray:
-    """trim(tau) = tau * keep for tau = theta - base (theta when ``base`` is None): kept
-    entries unchanged, dropped ones +-0 (NaN for an inf), as a multiply by a 0/1 mask
-    gives. ``theta`` and ``base`` may be a chunk of the task vector starting at entry
-    ``start`` of ``rule``'s mask; ``scratch``: a float and a bool array at least that long."""
+    """trim(tau) = tau * keep for tau = theta - base (theta when ``base`` is None), the
+    entries at ``positions`` of the task vector (a slice or sorted indices): kept entries
+    unchanged, dropped ones +-0 (NaN for an inf), as a multiply by a 0/1 mask gives.
+    ``scratch``: a float and a bool array at least as long as ``theta``."""
     size = theta.size
-    if out is None:
-        out = np.empty(size, theta.dtype)
-    if scratch is None:
-        scratch = (np.empty(size, theta.dtype), np.empty(size, bool))
+    out = np.empty(size, theta.dtype) if out is None else out
+    floats, bools = scratch if scratch is not None else (np.empty(size, theta.dtype), np.empty(size, bool))
     with np.errstate(invalid="ignore", over="ignore"):
         tau = theta if base is None else np.subtract(theta, base, out=out)
-        if rule.cut is None:
-            keep = rule.mask[start : start + size]
-        else:
-            keep = np.greater_equal(np.abs(tau, out=scratch[0][:size]), rule.cut, out=scratch[1][:size])
-        return np.multiply(tau, keep, out=out)
+        magnitudes = None if rule.cut is None else np.abs(tau, out=floats[:size])
+        return np.multiply(tau, rule_mask(magnitudes, rule, positions, bools[:size]), out=out)
+
+
+def fusable(t: TensorInputs) -> bool:
+    """Whether the fused numpy passes can merge ``t``: base and experts float32/float64 CPU
+    tensors of one dtype and shape."""
+    tensors = [t.base, *t.models]
+    return all(numpy_ready(x) and x.dtype == t.base.dtype and x.shape == t.base.shape for x in tensors)
+
+
+def add_scaled(acc: np.ndarray, x: np.ndarray, w: float) -> None:
+    """acc += w * x rounded as torch's ``add_(x, alpha=w)``: one fused multiply-add, which
+    for w = 1 is a plain add. torch runs on pieces below its intra-op grain, so that it
+    starts no threads of its own inside ours."""
+    if w == 1.0:
+        np.add(acc, x, out=acc)
+        return
+    for start in range(0, acc.size, _TORCH_PIECE):
+        piece = slice(start, start + _TORCH_PIECE)
+        torch.from_numpy(acc[piece]).add_(torch.from_numpy(x[piece]), alpha=w)
+
 
 
 def tensor_seed(seed: int, name: str, index: int) -> int:
@@ -343,12 +409,65 @@ def magnitude_band(tau: torch.Tensor, density: float, gamma: float) -> torch.Ten
     top = min(int(gamma * numel + 0.5), numel - k)
     flat = tau.reshape(-1)
     magnitudes = flat.abs().to(torch.float32 if flat.dtype != torch.float64 else flat.dtype).numpy()
-    # ascending order: the kept band holds sorted positions [low, high)
-    low, high = numel - top - k, numel - top
-    order = np.argpartition(magnitudes, [low, high] if high < numel else low)
-    keep = torch.zeros(flat.shape, dtype=flat.dtype)
-    keep[torch.from_numpy(order[low:high])] = 1
+    keep = torch.zeros_like(flat)
+    keep[torch.from_numpy(_band_order(magnitudes, k, top))] = 1
     return (flat * keep).view(tau.shape)
+
+
+class BandRule(NamedTuple):
+    """Which entries Model Breadcrumbs' band keeps: lower <= |tau| < upper (no upper bound
+    when None); when ``tied`` (a magnitude ties at a cut), only lower < |tau| < upper,
+    plus the entries at the sorted positions ``at_cut``."""
+
+    lower: np.floating
+    upper: np.floating | None
+    tied: bool = False
+    at_cut: np.ndarray | None = None
+
+
+def band_rule(theta: np.ndarray, base: np.ndarray, k: int, top: int) -> BandRule | None:
+    """Which entries of tau = theta - base (1-D arrays) :func:`magnitude_band` keeps: the k
+    ranked just below its ``top`` largest |tau|, between the (top + k)-th and the top-th
+    largest (:func:`trim_cut`). When a magnitude ties at a cut, which of the tied entries
+    argpartition keeps is found apart (:func:`band_kept_at_cuts`). None when a |tau| is
+    NaN or inf."""
+    lower = trim_cut(theta, base, top + k)
+    if lower is None:
+        return None
+    upper = trim_cut(theta, base, top) if top else None
+    return BandRule(lower.cut, upper.cut if upper else None, lower.tied or bool(upper and upper.tied))
+
+
+def band_kept_at_cuts(theta: np.ndarray, base: np.ndarray, k: int, top: int, rule: BandRule) -> np.ndarray:
+    """The positions (sorted) of the entries with |tau| at a cut of ``rule`` that
+    :func:`magnitude_band` keeps: its argpartition's choice among tied magnitudes depends on
+    its partitioning order over the whole array, so it runs on |tau| whole."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        magnitudes = _magnitudes(theta, base)
+    kept = _band_order(magnitudes, k, top)
+    at_cut = magnitudes[kept] == rule.lower
+    if rule.upper is not None:
+        at_cut |= magnitudes[kept] == rule.upper
+    return np.sort(kept[at_cut])
+
+
+def _band_order(magnitudes: np.ndarray, k: int, top: int) -> np.ndarray:
+    """The positions argpartition ranks k and more below the ``top`` largest."""
+    # ascending order: the kept band holds sorted positions [low, high)
+    n = magnitudes.size
+    low, high = n - top - k, n - top
+    return np.argpartition(magnitudes, [low, high] if high < n else low)[low:high]
+
+
+def band_mask(
+    magnitudes: np.ndarray, rule: BandRule, positions: slice | np.ndarray, out: np.ndarray, scratch: np.ndarray
+) -> np.ndarray:
+    """The entries at ``positions`` (a slice or sorted indices) that ``rule`` keeps, given
+    their |tau|, as a boolean mask (into ``out``; ``scratch``: a bool array as long)."""
+    keep = (np.greater if rule.tied else np.greater_equal)(magnitudes, rule.lower, out=out)
+    if rule.upper is not None:
+        np.logical_and(keep, np.less(magnitudes, rule.upper, out=scratch), out=keep)
+    return keep if rule.at_cut is None else mark_positions(keep, rule.at_cut, positions)
 
 
 def magnitude_rank_keep_probabilities(tau: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
@@ -368,6 +487,27 @@ def magnitude_rank_keep_probabilities(tau: torch.Tensor, density: float, epsilon
     order = rows.abs().argsort(dim=1, stable=True)
     ranks = torch.empty_like(order).scatter_(1, order, torch.arange(n).expand_as(order))
     return ((density - epsilon) + ranks.to(tau.dtype) * (2 * epsilon / (n - 1))).view(tau.shape)
+
+
+def by_row_rank(magnitudes: np.ndarray, values: np.ndarray) -> np.ndarray | None:
+    """``values[r_j]`` for every entry j of a (rows, n) float32 array of magnitudes, r_j its
+    rank in its row (0: smallest; equal magnitudes ranked by position, as
+    ``torch.argsort(stable=True)`` orders them; n < 2**32); None when a magnitude is NaN.
+
+    One unstable sort of 64-bit keys (the magnitude's bits, then the position: all
+    distinct, so any sort gives the stable order) is about 3x faster than a stable argsort.
+    """
+    n = magnitudes.shape[1]
+    keys = magnitudes.view(np.uint32).astype(np.uint64)
+    np.left_shift(keys, 32, out=keys)
+    np.bitwise_or(keys, np.arange(n, dtype=np.uint64), out=keys)
+    keys.sort(axis=1)
+    if keys[:, -1].max() >> 32 > _INF_BITS:  # NaN sorts last; its payload, not its position, would order it
+        return None
+    order = np.bitwise_and(keys, 0xFFFFFFFF, out=keys).view(np.int64)
+    out = np.empty(magnitudes.shape, values.dtype)
+    np.put_along_axis(out, order, values[None, :], axis=1)
+    return out
 
 
 def della_drop(tau: torch.Tensor, density: float, epsilon: float, generator: torch.Generator) -> torch.Tensor:

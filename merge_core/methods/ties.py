@@ -2,20 +2,27 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
 
-from merge_core.methods.sparsify import CHUNK, TrimRule, apply_rule, disjoint_mean, elect_sign, kept_count, trim_rule
-from merge_core.parallel import in_threads, numpy_ready
+from merge_core.methods.sparsify import (
+    CHUNK,
+    TrimRule,
+    add_scaled,
+    apply_rule,
+    disjoint_mean,
+    elect_sign,
+    fusable,
+    kept_at_cut,
+    kept_count,
+    trim_cut,
+)
+from merge_core.parallel import THREADS_FROM, in_threads
 from merge_core.registry import TensorInputs, merge_method
-
-# from this many entries per tensor on, experts and chunks are spread over threads
-_THREADS_FROM = 1 << 16
-# torch runs an op on fewer entries than its intra-op grain (32768) on the calling thread
-_TORCH_PIECE = 1 << 14
 
 
 @merge_method(
@@ -35,7 +42,7 @@ def ties(t: TensorInputs, p: Mapping[str, Any]) -> torch.Tensor:
     float32/float64 tensors runs fused (:func:`_ties_per_tensor`), with the result the
     step-by-step code below gives; ``t.trim`` serves the whole-task-vector scope.
     """
-    if p["trim_scope"] == "tensor" and _fusable(t):
+    if p["trim_scope"] == "tensor" and fusable(t):
         merged = _ties_per_tensor(t, p["density"], p["lambda"])
         if merged is not None:
             return merged
@@ -45,34 +52,43 @@ def ties(t: TensorInputs, p: Mapping[str, Any]) -> torch.Tensor:
     return t.base + p["lambda"] * disjoint_mean(trimmed, t.weights, sign)
 
 
-def _fusable(t: TensorInputs) -> bool:
-    tensors = [t.base, *t.models]
-    return all(numpy_ready(x) and x.dtype == t.base.dtype and x.shape == t.base.shape for x in tensors)
-
-
 def _ties_per_tensor(t: TensorInputs, density: float, lam: float) -> torch.Tensor | None:
     """TIES with per-tensor trimming in two passes over the inputs, both on threads in numpy:
-    each expert's trimming rule (:func:`~merge_core.methods.sparsify.trim_rule`), then
-    every chunk of entries trimmed, voted and merged while it is in cache
-    (:class:`_ChunkMerge`). Bit for bit the step-by-step result; None when a task vector
-    holds NaN or inf, whose propagation through the steps only torch reproduces."""
+    each expert's cut (:func:`~merge_core.methods.sparsify.trim_cut`), then every chunk of
+    entries trimmed, voted and merged while it is in cache (:class:`_Merge`). Where
+    magnitudes tie at an expert's cut, argpartition's choice among them
+    (:func:`~merge_core.methods.sparsify.kept_at_cut`) runs beside the chunks, which drop
+    every tied entry at first; the few entries it keeps are then merged again. Bit for bit
+    the step-by-step result; None when a task vector holds NaN or inf, whose propagation
+    through the steps only torch reproduces."""
     base = t.base.reshape(-1).numpy()
     models = [theta.reshape(-1).numpy() for theta in t.models]
     n = base.size
     k = kept_count(n, density)
-    parallel = n >= _THREADS_FROM
-    rules = in_threads(lambda theta: trim_rule(theta, base, k), models, parallel)
-    if not all(rule.finite for rule in rules):
+    parallel = n >= THREADS_FROM
+    cuts = in_threads(lambda theta: trim_cut(theta, base, k), models, parallel)
+    if any(cut is None for cut in cuts):
         return None
-    merge = _ChunkMerge(models, base, rules, t.weights.tolist(), lam, np.empty(n, base.dtype))
-    in_threads(merge, range(0, n, CHUNK), parallel)
+    merge = _Merge(models, base, t.weights.tolist(), lam, np.empty(n, base.dtype))
+    tied = [i for i, cut in enumerate(cuts) if cut.tied]
+    rules = [TrimRule(cut.cut, _NO_POSITIONS if cut.tied else None) for cut in cuts]
+    jobs = [functools.partial(kept_at_cut, models[i], base, k, cuts[i].cut) for i in tied]
+    jobs += [functools.partial(merge, rules, slice(a, min(n, a + CHUNK))) for a in range(0, n, CHUNK)]
+    kept = in_threads(lambda job: job(), jobs, parallel)[: len(tied)]
+    if tied:
+        for i, positions in zip(tied, kept):
+            rules[i] = TrimRule(cuts[i].cut, positions)
+        merge(rules, np.unique(np.concatenate(kept)))
     return torch.from_numpy(merge.out).view(t.base.shape)
 
 
+_NO_POSITIONS = np.empty(0, dtype=np.intp)
+
+
 @dataclass
-class _ChunkMerge:
-    """Merges entries [start, start + CHUNK) of a tensor into ``out``: the step-by-step
-    code's arithmetic on one chunk, each step rounded as there.
+class _Merge:
+    """Merges the entries at some positions of a tensor into ``out``: the step-by-step
+    code's arithmetic, each step rounded as there.
 
     mass = sum_i w_i tau_i (each a fused multiply-add, as torch's ``add_(alpha=w)``);
     gamma = +1 where mass >= 0, else -1; num = sum_i w_i max(gamma tau_i, 0) and den = sum
@@ -85,7 +101,6 @@ class _ChunkMerge:
 
     models: Sequence[np.ndarray]
     base: np.ndarray
-    rules: Sequence[TrimRule]
     weights: list[float]
     lam: float
     out: np.ndarray
@@ -94,20 +109,20 @@ class _ChunkMerge:
     def __post_init__(self) -> None:
         self._counted = all(w == 1.0 for w in self.weights) and len(self.weights) < 256
 
-    def __call__(self, start: int) -> None:
-        stop = min(self.base.size, start + CHUNK)
-        size = stop - start
-        dtype = self.base.dtype
+    def __call__(self, rules: Sequence[TrimRule], positions: slice | np.ndarray) -> None:
+        """Merge the entries at ``positions`` (a slice or sorted indices), each expert trimmed by its rule."""
+        base = self.base[positions]
+        size, dtype = base.size, base.dtype
+        num = self.out[positions] if isinstance(positions, slice) else np.empty(size, dtype)
         floats = [np.empty(size, dtype) for _ in range(len(self.models) + 3)]
         taus, (mass, sign, den) = floats[:-3], floats[-3:]
         keep, agrees, count = np.empty(size, bool), np.empty(size, bool), np.zeros(size, np.uint8)
-        base, num = self.base[start:stop], self.out[start:stop]
         with np.errstate(invalid="ignore", over="ignore"):  # overflow to inf: as torch, silently
-            for theta, rule, tau in zip(self.models, self.rules, taus):
-                apply_rule(theta[start:stop], base, rule, tau, start, (mass, keep))
+            for theta, rule, tau in zip(self.models, rules, taus):
+                apply_rule(theta[positions], base, rule, positions, tau, (mass, keep))
             mass.fill(0)
             for w, tau in zip(self.weights, taus):
-                _add_scaled(mass, tau, w)
+                add_scaled(mass, tau, w)
             # gamma = 2 [mass >= 0] - 1, in int8 and then cast
             elected = np.greater_equal(mass, 0, out=agrees).view(np.int8)
             np.copyto(sign, np.subtract(np.multiply(elected, 2, out=elected), 1, out=elected))
@@ -117,10 +132,10 @@ class _ChunkMerge:
             for w, tau in zip(self.weights, taus):
                 np.multiply(tau, sign, out=agreeing)
                 np.greater(agreeing, 0, out=agrees)
-                _add_scaled(num, np.multiply(agreeing, agrees, out=agreeing), w)
+                add_scaled(num, np.multiply(agreeing, agrees, out=agreeing), w)
                 if self._counted:
                     np.add(count, agrees.view(np.uint8), out=count)
-                else:  # w * 1 is exact: this is the fused add of w * sgn(agreeing)
+                else:  # w * 1 is exact: this is the fused add of w * sgn(agreeing); tau is spent
                     np.add(den, np.multiply(agrees, dtype.type(w), out=tau), out=den)
             if self._counted:
                 np.copyto(den, np.maximum(count, 1, out=count))
@@ -130,15 +145,5 @@ class _ChunkMerge:
             if self.lam != 1.0:  # x * 1 is x
                 np.multiply(num, dtype.type(self.lam), out=num)
             np.add(base, num, out=num)
-
-
-def _add_scaled(acc: np.ndarray, x: np.ndarray, w: float) -> None:
-    """acc += w * x rounded as torch's ``add_(x, alpha=w)``: one fused multiply-add, which
-    for w = 1 is a plain add. torch runs on pieces below its intra-op grain, so that it
-    starts no threads of its own inside ours."""
-    if w == 1.0:
-        np.add(acc, x, out=acc)
-        return
-    for start in range(0, acc.size, _TORCH_PIECE):
-        piece = slice(start, start + _TORCH_PIECE)
-        torch.from_numpy(acc[piece]).add_(torch.from_numpy(x[piece]), alpha=w)
+        if not isinstance(positions, slice):
+            self.out[positions] = num

@@ -7,7 +7,15 @@ import pytest
 import torch
 
 from merge_core import Recipe, iter_merged, open_inputs
-from merge_core.methods.sparsify import ModelMagnitudeTrim, kept_count, magnitude_trim
+from merge_core.methods.sparsify import (
+    ModelMagnitudeTrim,
+    della_drop,
+    disjoint_mean,
+    elect_sign,
+    kept_count,
+    magnitude_trim,
+    tensor_seed,
+)
 from merge_core.registry import TensorInputs, get_method
 from tests.merge_core.conftest import make_state, save_kind
 
@@ -178,3 +186,52 @@ def test_magnitude_trim_keeps_argpartitions_entries_with_ties_nan_and_inf(dtype)
         for t in (tau.to(dtype), clean.to(dtype)):
             for density in (0.001, 0.3, 0.9):
                 assert same_bits(magnitude_trim(t, density), straightforward_trim(t, density)), (n, density)
+
+
+# ---- breadcrumbs and DELLA, fused on threads, against their step-by-step code, bit for bit
+
+
+def straightforward_band(tau: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+    """Breadcrumbs' band as first written: the entries argpartition ranks in [low, high)."""
+    flat = tau.reshape(-1)
+    n = flat.numel()
+    k = kept_count(n, density)
+    if k >= n:
+        return tau
+    top = min(int(gamma * n + 0.5), n - k)
+    magnitudes = flat.abs().to(torch.float64 if flat.dtype == torch.float64 else torch.float32).numpy()
+    low, high = n - top - k, n - top
+    order = np.argpartition(magnitudes, [low, high] if high < n else low)
+    keep = torch.zeros_like(flat)
+    keep[torch.from_numpy(order[low:high])] = 1
+    return (flat * keep).view(tau.shape)
+
+
+def stepwise_breadcrumbs(base, models, weights, lam, density, gamma):
+    delta = torch.zeros_like(base)
+    for w, theta in zip(weights, models):
+        delta.add_(straightforward_band(theta - base, density, gamma), alpha=w)
+    return base + lam * delta
+
+
+def stepwise_della(name, base, models, weights, lam, density, epsilon, seed):
+    dropped = [
+        della_drop(theta - base, density, epsilon, torch.Generator().manual_seed(tensor_seed(seed, name, i)))
+        for i, theta in enumerate(models)
+    ]
+    w = torch.tensor(weights, dtype=torch.float64)
+    return base + lam * disjoint_mean(dropped, w, elect_sign(dropped, w))
+
+
+# (300, 700): rows in two blocks of DELLA's sort
+@pytest.mark.parametrize("shape", [(1,), (7, 3), (80, 64), (3, 50_000), (300, 700)])
+@pytest.mark.parametrize("kind", ["gauss", "bf16", "zero", "nonfinite"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_breadcrumbs_and_della_are_bit_identical_to_their_step_by_step_code(shape, kind, dtype):
+    base, models = task_vectors_like(kind, shape, dtype, 3, seed=len(shape) + shape[0])
+    for density, weights, lam in [(0.9, [1.0, 1.0, 1.0], 1.0), (0.3, [3.0, 0.5, 0.0], 0.7)]:
+        w = torch.tensor(weights, dtype=torch.float64)
+        crumbs = get_method("breadcrumbs").fn(TensorInputs("w", base, models, w), {"lambda": lam, "density": density, "gamma": 0.01})
+        assert same_bits(crumbs, stepwise_breadcrumbs(base, models, weights, lam, density, 0.01)), (density, weights)
+        della = get_method("della").fn(TensorInputs("w", base, models, w), {"lambda": lam, "density": density, "epsilon": 0.1, "seed": 3})
+        assert same_bits(della, stepwise_della("w", base, models, weights, lam, density, 0.1, 3)), (density, weights)
