@@ -119,15 +119,34 @@ def train_expert(plan: DemoPlan, job: ExpertJob, threads: int) -> Path:
     return publish_export(work_dir / "export", plan.expert_path(job))
 
 
-def dev_options(plan: DemoPlan) -> dict[str, Any]:
-    """How a Whisper checkpoint folder of the demo is decoded."""
-    return {
+def decoding_options(corpus: Path, encoder_states: Path | None = None) -> dict[str, Any]:
+    """The evaluation keys that decode a Whisper tiny.en checkpoint folder with ``WhisperASR``
+    (``$data_root``: ``corpus``), keeping encoder outputs in ``encoder_states`` when given.
+
+    Parameters
+    ----------
+    corpus : Path
+        The value of ``$data_root`` in the manifests.
+    encoder_states : Path, optional
+        ``encoder_states_dir``: only worth it when the models share their encoder.
+
+    Returns
+    -------
+    dict
+        ``hparams``, ``hparams_overrides``, ``interface``, ``data_root`` (and ``encoder_states_dir``).
+    """
+    options = {
         "hparams": str(INFERENCE_HPARAMS),
         "hparams_overrides": {"whisper_hub": str(whisper_hub())},
         "interface": "WhisperASR",
-        "encoder_states_dir": str(plan.out / "encoder_states"),
-        "data_root": str(plan.corpus),
+        "data_root": str(corpus),
     }
+    return options if encoder_states is None else {**options, "encoder_states_dir": str(encoder_states)}
+
+
+def dev_options(plan: DemoPlan) -> dict[str, Any]:
+    """How a Whisper checkpoint folder of the demo is decoded."""
+    return decoding_options(plan.corpus, plan.out / "encoder_states")
 
 
 def evaluate_demo(plan: DemoPlan, config: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Path]]:
