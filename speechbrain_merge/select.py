@@ -11,7 +11,10 @@ Recoverables that are not tensor state dicts (the normalizer's statistics) stay 
 template's, as the written soup keeps them. For an ``EncoderASR`` whose encoder starts
 with ``compute_features`` and ``normalize`` (no merged weight in either), their output is
 computed once per batch, as the encoder itself computes it, and each trial runs the
-encoder from there on (:class:`CachedFrontEnd`).
+encoder from there on (:class:`CachedFrontEnd`). For a ``WhisperASR`` with
+``encoder_states_dir``, each trial takes the encoder outputs kept there for its encoder
+(:class:`~speechbrain_merge.whisper.EncoderStates`, keyed by the encoder's weights): a
+search over decoder-only experts runs the encoder once per utterance, not once per trial.
 """
 
 from __future__ import annotations
@@ -86,6 +89,7 @@ class SpeechBrainDevEvaluator:
         self, template: CheckpointerFolderReader, dev: DevSet, shared: "SpeechBrainDevEvaluator | None" = None
     ) -> None:
         from speechbrain_merge.evaluate import SpeechBrainOptions, load_interface, padded_batch
+        from speechbrain_merge.whisper import EncoderStates
 
         try:
             options = SpeechBrainOptions.from_mapping(dev.options)
@@ -111,7 +115,9 @@ class SpeechBrainDevEvaluator:
             merged = [self.asr.hparams.pretrainer.loadables[r] for r in self.recoverables]
             self.front_end = install_cached_front_end(self.asr, options.interface, merged)
         size = dev.batch_size
-        self.batches: Batches = [padded_batch(self.asr, utterances[i : i + size]) for i in range(0, len(utterances), size)]
+        self.utterances = [utterances[i : i + size] for i in range(0, len(utterances), size)]
+        self.batches: Batches = [padded_batch(self.asr, batch) for batch in self.utterances]
+        self.encoder_states = None if options.encoder_states_dir is None else EncoderStates(options.encoder_states_dir)
         self.features = [self._features(wavs, lengths) for wavs, lengths in self.batches] if self.front_end else []
 
     def _features(self, wavs: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -134,11 +140,19 @@ class SpeechBrainDevEvaluator:
     def stats(self, state: StateDict) -> WerStats:
         """The edit counts of the interface with ``state``'s weights on this dev subset."""
         self.load(state)
+        if self.encoder_states is not None:
+            return self._stats_from_stored_states()
         hypotheses = []
         for i, (wavs, lengths) in enumerate(self.batches):
             if self.front_end:  # this set's features of this batch, whichever set decoded last
                 self.front_end[0].features, self.front_end[0].batch = self.features, i
             hypotheses += [str(w) for w in self.asr.transcribe_batch(wavs, lengths)[0]]
+        return score(self.references, hypotheses, self.dev.normalization, name=str(self.dev.manifest))
+
+    def _stats_from_stored_states(self) -> WerStats:
+        from speechbrain_merge.evaluate import transcribe_whisper_batch
+
+        hypotheses = [h for batch in self.utterances for h in transcribe_whisper_batch(self.asr, batch, self.encoder_states)]
         return score(self.references, hypotheses, self.dev.normalization, name=str(self.dev.manifest))
 
     def __call__(self, state: StateDict) -> float:

@@ -138,3 +138,27 @@ def test_whisper_evaluation_reuses_states_and_transcribes_the_same(generalist: P
 
 def test_transcripts_are_written_as_whisper_writes() -> None:
     assert whisper_text("  THE BOAT SAILED ") == " The boat sailed"
+
+
+def test_search_trials_take_stored_encoder_states_keyed_by_the_trials_encoder(generalist: Path, hub: Path, sb_data,
+                                                                             tmp_path: Path) -> None:
+    """The dev evaluator of searches and soups with ``encoder_states_dir``: the same WER as
+    running the encoder, states stored once per utterance and encoder, and a trial with
+    another encoder gets its own states."""
+    from merge_core.checkpoint import open_checkpoint
+    from merge_core.recipes.greedy_soup import DevSet
+    from speechbrain_merge.select import SpeechBrainDevEvaluator
+
+    options = {"hparams": str(INFERENCE_HPARAMS), "hparams_overrides": {"whisper_hub": str(hub)},
+               "interface": "WhisperASR", "data_root": str(sb_data.data_root)}
+    dev = DevSet(manifest=sb_data.test_clean_csv, log=tmp_path / "log.json", batch_size=4, device="cpu", options=options)
+    stored_dev = DevSet(manifest=sb_data.test_clean_csv, log=tmp_path / "log.json", batch_size=4, device="cpu",
+                        options={**options, "encoder_states_dir": str(tmp_path / "s")})
+    with open_checkpoint(generalist) as reader:
+        state = {name: reader.get(name) for name in reader.keys()}
+        plain, stored = SpeechBrainDevEvaluator(reader, dev), SpeechBrainDevEvaluator(reader, stored_dev)
+        moved = {n: t + 0.05 * t.std() if "encoder.layers.0.fc1.weight" in n else t for n, t in state.items()}
+        assert stored.stats(state) == plain.stats(state) and stored.stats(state) == plain.stats(state)
+        assert [len(list(f.iterdir())) for f in (tmp_path / "s").iterdir()] == [len(read_csv(sb_data.test_clean_csv))]
+        assert stored.stats(moved) == plain.stats(moved)
+        assert len(list((tmp_path / "s").iterdir())) == 2  # the moved encoder's own states
