@@ -126,12 +126,13 @@ def test_dare_linear_expected_value_and_rescale(experts):
     torch.testing.assert_close(got.double(), expected, rtol=0, atol=1e-6)
 
 
-def test_dare_is_deterministic_per_seed_and_name(experts):
+@pytest.mark.parametrize("method", ["dare_ties", "della"])
+def test_random_drops_are_deterministic_per_seed_and_name(experts, method):
     base, models = experts
-    a = run("dare_ties", base, models, name="x", seed=3)
-    assert torch.equal(a, run("dare_ties", base, models, name="x", seed=3))
-    assert not torch.equal(a, run("dare_ties", base, models, name="x", seed=4))
-    assert not torch.equal(a, run("dare_ties", base, models, name="y", seed=3))
+    a = run(method, base, models, name="x", seed=3)
+    assert torch.equal(a, run(method, base, models, name="x", seed=3))
+    assert not torch.equal(a, run(method, base, models, name="x", seed=4))
+    assert not torch.equal(a, run(method, base, models, name="y", seed=3))
 
 
 def test_dare_ties_equals_ties_on_the_dropped_vectors(experts):

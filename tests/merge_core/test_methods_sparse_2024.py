@@ -242,14 +242,6 @@ def test_della_matches_the_reference(experts, weights):
     torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-6)
 
 
-def test_della_is_deterministic_per_seed_and_name(experts):
-    base, models = experts
-    a = run("della", base, models, name="x", seed=3)
-    assert torch.equal(a, run("della", base, models, name="x", seed=3))
-    assert not torch.equal(a, run("della", base, models, name="x", seed=4))
-    assert not torch.equal(a, run("della", base, models, name="y", seed=3))
-
-
 def test_della_with_full_density_is_ties_without_trimming(experts):
     base, models = experts
     got = run("della", base, models, density=1.0, epsilon=0.0)
