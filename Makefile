@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo demo-smoke demo-whisper test test-fast fuzz bench clean
+.PHONY: demo demo-smoke demo-full demo-whisper test test-fast fuzz bench clean
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 		{ $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq espeak-ng sox fortunes >/dev/null; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e ".[all,dev]"
+	$(BIN)/pip install --quiet -e ".[all,dev,ray]"
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -23,6 +23,10 @@ demo: $(STAMP)
 
 demo-smoke: $(STAMP)
 	$(BIN)/asr-merge demo --smoke
+
+# every procedure of the demo's experiment file (~52 min on 2 CPU cores)
+demo-full: $(STAMP)
+	$(BIN)/asr-merge demo --full
 
 # the AoDE paper's scenarios with a real pretrained generalist (Whisper tiny.en from its pinned wheel)
 demo-whisper: $(STAMP)
@@ -47,6 +51,7 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks.sb_merge_bench
 	$(BIN)/python -m benchmarks.greedy_cost
 	$(BIN)/python -m benchmarks.search_cost   # one asr-merge search trial vs merge + eval; trials per minute
+	$(BIN)/python -m benchmarks.experiment_executors   # the smoke experiment on local vs Ray
 
 clean:
 	rm -rf $(VENV)

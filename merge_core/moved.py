@@ -32,6 +32,8 @@ MOVED = {
     "merge_core.manifests": "merge_core.evaluation.manifests",
     "merge_core.provenance": "merge_core.checkpoint.provenance",
     "merge_core.checkpoint.atomic": "merge_core.atomic",
+    # since: the demo's plan became every experiment's (asr-merge run)
+    "merge_core.app.demo.plan": "merge_core.app.experiment.plan",
 }
 
 

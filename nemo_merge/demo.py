@@ -68,7 +68,9 @@ def finetune_config(plan: DemoPlan, job: ExpertJob, work_dir: Path) -> DictConfi
         del overrides["trainer"]["limit_val_batches"]
         if size.max_steps > 0:  # a run shorter than an epoch validates where it stops
             overrides["trainer"]["val_check_interval"] = size.max_steps
-    cfg = OmegaConf.merge(OmegaConf.load(FINETUNE_CONFIG), overrides)
+    cfg = OmegaConf.merge(OmegaConf.load(plan.finetune.get("config") or FINETUNE_CONFIG), overrides)
+    for key, value in (plan.finetune.get("overrides") or {}).items():  # an experiment's, as Hydra's key=value
+        OmegaConf.update(cfg, key, value, merge=True)
     return OmegaConf.merge(cfg, mact_overrides(cfg, dict(job.hyper))) if job.hyper else cfg
 
 
@@ -109,5 +111,6 @@ NEMO = DemoToolkit(
     train_expert=train_expert,
     evaluate=evaluate_demo,
     dev_options=dev_options,
+    experiment=REPO / "configs" / "experiments" / "demo_nemo.yaml",
     fingerprint={"finetune_config": FINETUNE_CONFIG.read_text(encoding="utf-8"), "lora": LORA},
 )

@@ -79,7 +79,8 @@ def expert_hparams(plan: DemoPlan, job: ExpertJob, work_dir: Path) -> dict[str, 
     }
     if "dropout" in hyper:
         overrides["dropout"] = hyper["dropout"]
-    with open(TRAIN_HPARAMS, encoding="utf-8") as f:
+    overrides.update(plan.finetune.get("overrides") or {})  # an experiment's hparams overrides
+    with open(plan.finetune.get("config") or TRAIN_HPARAMS, encoding="utf-8") as f:
         hparams = load_hyperpyyaml(f, overrides)
     hparams.update(
         llrd=LLRD if job.llrd else None,
@@ -159,5 +160,6 @@ SPEECHBRAIN = DemoToolkit(
     train_expert=train_expert,
     evaluate=evaluate_demo,
     dev_options=dev_options,
+    experiment=REPO / "configs" / "experiments" / "demo_speechbrain.yaml",
     fingerprint={"hparams": TRAIN_HPARAMS.read_text(encoding="utf-8"), "llrd": LLRD, "lora": LORA, "stlr": STLR},
 )

@@ -29,7 +29,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from merge_core.app.demo import PRETRAINED_SCENARIOS, DemoPlan, DemoSize, DemoToolkit, ExpertJob
+from merge_core.app.demo import DemoPlan, DemoSize, DemoToolkit, ExpertJob
 from merge_core.app.pretrained.fetch import fetch_model
 from speechbrain_merge.evaluate import evaluate
 from speechbrain_merge.demo import csv_rows, publish_export
@@ -93,8 +93,9 @@ def expert_hparams(plan: DemoPlan, job: ExpertJob, work_dir: Path, train_csv: Pa
         "freeze_encoder": True,
         "encoder_states_dir": str(plan.out / "encoder_states"),
         "seed": 1986 + plan.seed,
+        **(plan.finetune.get("overrides") or {}),  # an experiment's hparams overrides
     }
-    with open(TRAIN_HPARAMS, encoding="utf-8") as f:
+    with open(plan.finetune.get("config") or TRAIN_HPARAMS, encoding="utf-8") as f:
         hparams = load_hyperpyyaml(f, overrides)
     # the hparams' llrd (alpha 0.8 from each stack's top; the frozen encoder has no groups)
     # unless the job is the ablation's; the whisper recoverable only (not the counter or stlr)
@@ -162,9 +163,9 @@ WHISPER = DemoToolkit(
     train_expert=train_expert,
     evaluate=evaluate_demo,
     dev_options=dev_options,
+    experiment=REPO / "configs" / "experiments" / "demo_whisper.yaml",
     fingerprint={"model": MODEL, "hparams": TRAIN_HPARAMS.read_text(encoding="utf-8")},
     sizes=WHISPER_SIZES,
-    scenarios=PRETRAINED_SCENARIOS,
     prepare_generalist=prepare_generalist,
     # the frozen encoder is the generalist's in every expert: merges copy it from there
     # bit for bit (an average of equal tensors can differ in the last bit), so every

@@ -188,6 +188,10 @@ def test_every_command_without_toolkits_works_or_says_which_extra_to_install(tmp
     flac = tmp_path / "LibriSpeech" / "dev-clean" / "1" / "2" / "1-2-0000.flac"
     flac.write_bytes(b"fLaC" + bytes([0, 0, 0, len(streaminfo)]) + streaminfo)
     not_a_folder = write(tmp_path / "corpus", "a file")
+    experiment = write(tmp_path / "experiment.yaml", f"toolkit: speechbrain\nstorage: {tmp_path}/x\n"
+                       f"domains: {{d: {{train: {tmp_path}/dev.csv, dev: {tmp_path}/dev.csv, test: {tmp_path}/dev.csv}}}}\n"
+                       f"original: {{test_clean: {tmp_path}/dev.csv}}\nprocedures: [experts: {{}}]\n"
+                       "evaluate: {forgetting_sets: [test_clean]}\n")
     commands = {
         "merge": ["merge", str(merge), "-q"],
         "select": ["select", str(soup), "-q"],
@@ -195,6 +199,7 @@ def test_every_command_without_toolkits_works_or_says_which_extra_to_install(tmp
         "search": ["search", str(search), "-q"],
         "eval": ["eval", str(evaluation), "-q"],
         "demo": ["demo", "--smoke", "--toolkit", "nemo", "--out", str(tmp_path / "demo")],
+        "run": ["run", str(experiment), "-q"],
         "methods": ["methods"],
         "get-model": ["get-model", "--list"],
         "make-corpus": ["make-corpus", str(not_a_folder), "--size", "smoke", "-q"],
@@ -203,7 +208,8 @@ def test_every_command_without_toolkits_works_or_says_which_extra_to_install(tmp
     done = subprocess.run([sys.executable, "-c", WITHOUT_TOOLKITS, json.dumps(commands)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     results = json.loads(done.stdout)
-    extras = {"merge": "nemo", "select": "speechbrain", "mact": "nemo", "search": "nemo", "eval": "speechbrain", "demo": "nemo"}
+    extras = {"merge": "nemo", "select": "speechbrain", "mact": "nemo", "search": "nemo", "eval": "speechbrain", "demo": "nemo",
+              "run": "speechbrain"}
     for command, extra in extras.items():
         result = results[command]
         assert result["rc"] == 2, (command, result)

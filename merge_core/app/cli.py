@@ -80,7 +80,14 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     elif args.adapt_original:
         raise MergeError("--adapt-original goes with --methods (the method benchmark)")
     else:
-        run_demo(demo, upweighted=args.upweight, **common)
+        run_demo(demo, upweighted=args.upweight, full=args.full, executor=args.executor, **common)
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from merge_core.app.experiment import load_experiment, run_experiment
+
+    run_experiment(load_experiment(args.experiment, args.overrides), live=False if args.quiet else None)
     return 0
 
 
@@ -227,9 +234,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", nargs="*", metavar="METHOD", help="the method benchmark instead: these merge methods "
         "(none named: every registered one) at their defaults and a small grid, over the single-domain experts "
         "(<out>/methods/)")
+    p.add_argument("--full", action="store_true", help="every procedure of the demo's experiment file: also LoRA, "
+        "iterative AoDE, sequential editing, MAST/MAcT/SMAcT and the search (default: the AoDE paper's core)")
+    p.add_argument("--executor", choices=["local", "ray"], default="local", help="where the jobs run (ray: a local Ray)")
     p.add_argument("--adapt-original", action="store_true", help="with --methods: first fine-tune the generalist on "
         "the original domain's train-clean-100, and measure forgetting against that adapted model")
     p.set_defaults(run=_cmd_demo)
+    p = sub.add_parser(
+        "run",
+        help="run an experiment file: experts, merges, procedures and the forgetting report, locally or on Ray",
+        description="Run an experiment (configs/experiments/*.yaml; keys in merge_core.app.experiment.schema): "
+        "every fine-tune, merge and evaluation as a job of a content-addressed graph, on this machine "
+        "(executor=local) or on a Ray cluster (executor=ray). Finished jobs are never redone: run it again "
+        "to resume.",
+    )
+    p.add_argument("experiment", help="experiment YAML file")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. executor=ray finetune.epochs=4")
+    p.add_argument("-q", "--quiet", action="store_true", help="log lines instead of the live view")
+    p.set_defaults(run=_cmd_run)
     p = sub.add_parser(
         "get-model",
         help="download, verify and convert a known pretrained model; prints its folder",

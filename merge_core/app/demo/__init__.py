@@ -26,52 +26,35 @@
    ``report.{json,md,png}``, and ``demo.json`` with the papers' claims checked against
    the numbers.
 
+What it runs is the toolkit's demo experiment file (``configs/experiments/demo_*.yaml``,
+run by :mod:`merge_core.app.experiment`): by default the AoDE paper's core (steps 1, 2
+without LoRA, 3's Tables VII and VIII, 7); ``--full`` adds the procedures marked optional
+(LoRA, iterative AoDE, sequential editing, MAST/MAcT/SMAcT, the search).
+
 A toolkit plugin names its demos (:attr:`merge_core.plugins.ToolkitPlugin.demos`), each a
 :class:`DemoToolkit`: its generalist, how it fine-tunes one expert, its evaluation and
-which :class:`Scenarios` it runs.
-
-Experts are keyed by a hash of everything that shapes them (generalist, domains in
-order, LoRA, the merged model they start from, sampled hyper-parameters, size
-settings, seed, fine-tuning config), so a rerun reuses finished ones; every expert and
-merge starts as soon as what it starts from exists, independent experts in parallel
-processes.
+its experiment file. Every job is keyed by a hash of everything that shapes it, so a
+rerun reuses finished ones; every job starts as soon as what it needs exists.
 """
 
-from merge_core.app.demo.claims import check_claims, flat_name
-from merge_core.app.demo.plan import (
-    ALL_SCENARIOS,
+from merge_core.app.demo.claims import EDITS, ROUNDS, SEARCH_BUDGET, SEARCH_ROW, check_claims, flat_name
+from merge_core.app.experiment.plan import (
     DEMO_SIZES,
     FORGETTING_SETS,
-    PRETRAINED_SCENARIOS,
     TARGETS,
     DemoPlan,
     DemoSize,
     DemoToolkit,
     ExpertJob,
-    Scenarios,
     slug,
 )
-from merge_core.app.demo.runner import evaluation_rows, run_demo
-from merge_core.app.demo.scenarios import (
-    EDITS,
-    MACT_RUNS,
-    ROUNDS,
-    SEARCH_BUDGET,
-    SEARCH_ROW,
-    all_jobs,
-    edit_name,
-    merge_steps,
-    round_name,
-)
+from merge_core.app.demo.runner import run_demo
 
 __all__ = [
-    "ALL_SCENARIOS",
     "DEMO_SIZES",
     "EDITS",
     "FORGETTING_SETS",
-    "MACT_RUNS",
     "ROUNDS",
-    "PRETRAINED_SCENARIOS",
     "SEARCH_BUDGET",
     "SEARCH_ROW",
     "TARGETS",
@@ -79,14 +62,8 @@ __all__ = [
     "DemoSize",
     "DemoToolkit",
     "ExpertJob",
-    "Scenarios",
-    "all_jobs",
     "check_claims",
-    "edit_name",
-    "evaluation_rows",
     "flat_name",
-    "merge_steps",
-    "round_name",
     "run_demo",
     "slug",
 ]

@@ -18,12 +18,17 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from merge_core.app.demo.plan import TARGETS
-from merge_core.app.demo.scenarios import EDITS, ROUNDS, SEARCH_BUDGET, SEARCH_ROW, round_name
+from merge_core.app.experiment.plan import TARGETS
+from merge_core.app.experiment.procedures import SEARCH_ROW_FORMAT, round_name
 from merge_core.errors import EvaluationError
 from merge_core.evaluation.bootstrap import PairedBootstrap, percentile_intervals
 
 HOLDS, WITHIN_NOISE, FAILS = "holds", "within noise", "fails"
+# the demo experiment's settings its findings are about (configs/experiments/demo_*.yaml)
+ROUNDS = 3  # iterative AoDE's rounds, the first AoDE itself
+EDITS = ("TA", "TIES")  # sequential editing's labels: task arithmetic, then TIES
+SEARCH_BUDGET = 1.0  # % forgetting: the forgetting-budget search's row
+SEARCH_ROW = SEARCH_ROW_FORMAT.format(budget=SEARCH_BUDGET)
 
 
 def flat_name(domain: str) -> str:

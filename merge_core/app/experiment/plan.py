@@ -1,4 +1,4 @@
-"""The demo's plan: its sizes, one fine-tuning job, what a toolkit gives the demo, and
+"""An experiment's plan: the demo's sizes, one fine-tuning job, what a toolkit gives experiments, and
 where a run reads and writes (experts keyed by a hash of all that shapes them)."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from merge_core.app.corpus import DOMAINS
 from merge_core.app.corpus.domains import ORIGINAL
@@ -42,14 +42,16 @@ DEMO_SIZES = {
 class ExpertJob:
     """A model fine-tuned on ``chain``'s domains, one after another.
 
-    It starts from the generalist, or from the merged model named ``start`` (iterative
-    AoDE's rounds, sequential editing's steps); ``hyper`` holds hyper-parameters sampled
-    for a MAcT run (:data:`merge_core.recipes.mact.RANGES`), whose best model on the domain's dev set is kept.
+    It starts from the generalist, or from the model named ``start`` (iterative AoDE's
+    rounds, sequential editing's steps), found at ``init``; ``hyper`` holds hyper-parameters
+    sampled for a MAcT run (:data:`merge_core.recipes.mact.RANGES`), whose best model on the
+    domain's dev set is kept.
     """
 
     chain: tuple[str, ...]
     lora: bool = False
     start: str | None = None
+    init: str | None = None  # the checkpoint ``start`` names (its file name hashes all that shapes it)
     hyper: tuple[tuple[str, float], ...] = ()
     llrd: bool = True  # False: one learning rate for every layer (the AoDE paper's LLRD ablation)
 
@@ -95,26 +97,6 @@ def slug(name: str) -> str:
 
 
 @dataclass(frozen=True)
-class Scenarios:
-    """Which of the demo's scenarios a toolkit runs besides the AoDE paper's core (single-domain
-    fine-tunes, sequential fine-tuning, AoDE with and without the original, re-weighted
-    AoDE, TIES and task arithmetic)."""
-
-    lora: bool = True  # AoDE of LoRA experts
-    iterative: bool = True  # iterative AoDE's rounds
-    editing: bool = True  # sequential editing (Kulshreshtha et al.)
-    trajectories: bool = True  # MAST, MAcT, SMAcT (Ducorroy and Riad)
-    llrd_ablation: bool = False  # single-domain fine-tunes without LLRD
-    search: bool = True  # the forgetting-budget search over the single-domain experts (asr-merge search)
-
-
-ALL_SCENARIOS = Scenarios()
-# a real pretrained generalist: the AoDE paper's Whisper rows, and whether LLRD helps
-PRETRAINED_SCENARIOS = Scenarios(lora=False, iterative=False, editing=False, trajectories=False, llrd_ablation=True,
-                                 search=False)
-
-
-@dataclass(frozen=True)
 class DemoToolkit:
     """What a toolkit adapter gives the demo. Its functions are module-level, so that
     expert processes can receive them."""
@@ -129,8 +111,8 @@ class DemoToolkit:
     evaluate: Callable[["DemoPlan", dict[str, Any]], tuple[dict[str, Any], dict[str, Path]]]  # config -> report, files
     dev_options: Callable[["DemoPlan"], dict[str, Any]]  # a greedy soup's toolkit keys in its ``dev`` section
     fingerprint: dict[str, Any]  # what else shapes an expert: fine-tuning config, LoRA settings
+    experiment: Path  # the demo's experiment file (configs/experiments/demo_<name>.yaml): what it runs
     sizes: dict[str, DemoSize] = field(default_factory=lambda: DEMO_SIZES)
-    scenarios: Scenarios = ALL_SCENARIOS
     # out folder -> the generalist checkpoint, written there when it is not shipped as one
     prepare_generalist: Callable[[Path], Path] | None = None
     label: str = ""  # of the default output folder, outputs/demo/<label or name>-<size>
@@ -140,7 +122,12 @@ class DemoToolkit:
 
 @dataclass(frozen=True)
 class DemoPlan:
-    """Where a run reads and writes, and what shapes its experts."""
+    """Where a run reads and writes, and what shapes its experts.
+
+    ``manifests`` maps a domain to its splits' manifests (an experiment file's ``domains`` and
+    ``original``); without it they are the demo's, under ``out/manifests``. ``finetune`` holds
+    an experiment's fine-tuning ``config`` (a file replacing the toolkit's) and ``overrides``.
+    """
 
     toolkit: DemoToolkit
     out: Path
@@ -149,6 +136,8 @@ class DemoPlan:
     size: DemoSize
     seed: int
     upweighted: str
+    manifests: Mapping[str, Mapping[str, str]] | None = None
+    finetune: Mapping[str, Any] = field(default_factory=dict)
 
     def expert_path(self, job: ExpertJob) -> Path:
         """``experts/<prefix><name>-<hash><suffix>``, the hash covering everything that shapes it."""
@@ -164,17 +153,29 @@ class DemoPlan:
             "seed": self.seed,
             "toolkit": self.toolkit.fingerprint,
         }
+        if job.init:
+            shape["init"] = Path(job.init).name
+        if self.manifests is not None:  # an experiment's own data: its training manifests' content
+            shape["data"] = {d: file_sha256(self.manifest(d, "train")) for d in job.chain}
+        if self.finetune:
+            shape["finetune"] = {**self.finetune, "config": self.finetune_config_text()}
         key = hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:12]
         return self.out / "experts" / f"{self.toolkit.prefix}{job.name}-{key}{self.toolkit.suffix}"
+
+    def finetune_config_text(self) -> str | None:
+        config = self.finetune.get("config")
+        return Path(config).read_text(encoding="utf-8") if config else None
 
     def init_of(self, job: ExpertJob) -> Path:
         if job.parent:
             return self.expert_path(job.parent)
-        return self.merged_path(job.start) if job.start else self.generalist
+        return Path(job.init) if job.init else self.generalist
 
-    def merged_path(self, name: str) -> Path:
-        """Where the merge named ``name`` is written."""
-        return self.out / "merged" / f"{self.toolkit.prefix}{slug(name)}{self.toolkit.suffix}"
+    def merged_path(self, name: str, shape: Any) -> Path:
+        """Where the merge named ``name`` is written: ``merged/<prefix><name>-<hash><suffix>``,
+        the hash covering its ``shape`` (its recipe, whose inputs' names hash what shapes them)."""
+        key = hashlib.sha256(json.dumps(shape, sort_keys=True, default=str).encode()).hexdigest()[:12]
+        return self.out / "merged" / f"{self.toolkit.prefix}{slug(name)}-{key}{self.toolkit.suffix}"
 
     def snapshot_dir(self, job: ExpertJob) -> Path | None:
         """Where a single-domain expert's per-epoch snapshots go (for MAST); None for other jobs."""
@@ -183,6 +184,8 @@ class DemoPlan:
     def manifest(self, domain: str, split: str) -> Path:
         """A split's manifest; the original domain's ``train`` and ``dev`` are LibriSpeech's
         ``train-clean-100`` and ``dev-clean`` (so an expert of the original domain trains as any other)."""
+        if self.manifests is not None:
+            return Path(self.manifests[domain][split])
         if domain == ORIGINAL:
             split = {"train": "train-clean-100", "dev": "dev-clean"}.get(split, split)
         return self.out / "manifests" / self.toolkit.name / domain / manifest_name(split, self.toolkit.name)
