@@ -9,8 +9,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
-
 from merge_core.app.corpus import DOMAINS, prepare_librispeech, prepare_synthetic_corpus
 from merge_core.app.experiment.plan import TARGETS, DemoPlan, DemoToolkit
 from merge_core.app.experiment import load_experiment, run_experiment
@@ -85,11 +83,10 @@ def run_demo(
         "evaluate.upweighted": upweighted,
         "evaluate.note": size_note(size),
         "local.jobs": jobs,
+        "vars.search_trials": SEARCH_TRIALS[plan.size.corpus],  # read by the files with a search
     }
     if generalist is not None:
         values["generalist"] = str(plan.generalist)
-    if "search_trials" in OmegaConf.load(toolkit.experiment).get("vars", {}):
-        values["vars.search_trials"] = SEARCH_TRIALS[plan.size.corpus]
     summary = run_experiment(load_experiment(toolkit.experiment, values=values), size=plan.size)
     summary = {"toolkit": toolkit.name, "size": size, "note": size_note(size),
                "seconds": round(time.perf_counter() - start, 1), "cpus": os.cpu_count(),

@@ -174,3 +174,26 @@ def test_an_interrupted_experiment_resumes_without_redoing_a_finished_job(corpus
             finished.add(job)
     assert len(finished) == len(DOMAINS) + 1 + (len(DOMAINS) + 2)  # experts, their merge, 4 evaluations
     assert wers(storage) == local_reports["speechbrain"]
+
+
+def test_a_failed_job_stops_only_what_needs_it_and_the_run_names_it(corpus, tmp_path):
+    """One domain's training audio is missing: its expert fails, the average of both experts is
+    skipped, everything else runs; the command lists the failed job with its log, exit status 2."""
+    storage = tmp_path / "storage"
+    experiment = smoke_experiment(corpus, "speechbrain", storage)
+    broken = tmp_path / "noisy-train.csv"
+    rows = Path(experiment["domains"]["noisy"]["train"]).read_text(encoding="utf-8").splitlines()
+    broken.write_text("\n".join([rows[0], *(r.replace(".flac", "-missing.flac") for r in rows[1:])]) + "\n",
+                      encoding="utf-8")
+    experiment["domains"]["noisy"]["train"] = str(broken)
+    path = tmp_path / "experiment.yaml"
+    path.write_text(yaml.safe_dump(experiment), encoding="utf-8")
+    done = subprocess.run([sys.executable, "-m", "merge_core.app.cli", "run", str(path), "-q"], capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "1 job(s) failed (3 skipped as they needed them)" in done.stderr
+    failed_log = next(line.split("log ")[1] for line in done.stderr.splitlines() if "finetune FT noisy" in line)
+    assert "missing" in Path(failed_log).read_text(encoding="utf-8")  # the toolkit's own error, in the job's log
+    assert [p.name.startswith("CKPT+ft-accented") for p in (storage / "experts").iterdir()] == [True]
+    assert not (storage / "merged").exists() or not list((storage / "merged").iterdir())
+    assert len(list((storage / "evals").iterdir())) == 2  # the generalist and FT accented
