@@ -152,11 +152,10 @@ class DemoPlan:
             "size": asdict(self.size),
             "seed": self.seed,
             "toolkit": self.toolkit.fingerprint,
+            "data": {d: file_sha256(self.manifest(d, "train")) for d in job.chain},  # its training manifests
         }
         if job.init:
             shape["init"] = Path(job.init).name
-        if self.manifests is not None:  # an experiment's own data: its training manifests' content
-            shape["data"] = {d: file_sha256(self.manifest(d, "train")) for d in job.chain}
         if self.finetune:
             shape["finetune"] = {**self.finetune, "config": self.finetune_config_text()}
         key = hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:12]
