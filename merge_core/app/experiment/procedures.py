@@ -18,6 +18,7 @@ import hashlib
 import json
 import random
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from merge_core.app.experiment.plan import ExpertJob, slug
@@ -235,8 +236,6 @@ def mast(params: Mapping[str, Any], ctx: Context, key: str) -> list[Spec]:
     expert = expert_name(domain)
 
     def build(paths: Mapping[str, str], ctx: Context) -> dict[str, Any]:
-        from pathlib import Path
-
         snapshots = Path(ctx.report_dir).parent / "snapshots" / Path(paths[expert]).name
         chosen = sorted(snapshots.glob("*.safetensors"))[-last:]
         return {"method": "average", "base_model": paths[expert], "models": [str(p) for p in chosen]}
