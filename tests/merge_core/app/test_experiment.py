@@ -150,13 +150,13 @@ def test_a_bad_experiment_is_refused_naming_its_key_before_any_job(tmp_path, cas
     assert not (tmp_path / "storage" / "logs").exists() and not (tmp_path / "storage" / "experts").exists()
 
 
-def test_the_run_command_and_its_hydra_form_refuse_a_bad_file_and_apply_overrides(tmp_path):
+def test_the_run_command_and_its_hydra_form_refuse_a_bad_file_and_apply_overrides(tmp_path, capsys):
+    from merge_core.app.cli import main
+
     path = tmp_path / "experiment.yaml"
     path.write_text(yaml.safe_dump(small_experiment(tmp_path)), encoding="utf-8")
-    done = subprocess.run([sys.executable, "-m", "merge_core.app.cli", "run", str(path), "procedures.1.merge.name=x",
-                           "procedures.1.merge.models=[FT a, FT z]"], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 2
-    assert "procedures[1].merge: 'FT z' (needed by 'x') is not a model of this experiment" in done.stderr
+    assert main(["run", str(path), "procedures.1.merge.name=x", "procedures.1.merge.models=[FT a, FT z]"]) == 2
+    assert "procedures[1].merge: 'FT z' (needed by 'x') is not a model of this experiment" in capsys.readouterr().err
     hydra = subprocess.run([sys.executable, "-m", "nemo_merge.run", f"--config-path={tmp_path}",
                             "--config-name=experiment", "+executor=slurm"], capture_output=True, text=True, timeout=300)
     assert hydra.returncode == 2
