@@ -44,7 +44,6 @@ class Node:
 class Graph:
     nodes: Mapping[str, Node]  # in an order where every node comes after what it needs
     rows: tuple[tuple[str, Path], ...]  # the report's models, in the experiment file's order
-    plan: DemoPlan
 
 
 def declared_specs(experiment: Experiment, ctx: Context) -> dict[str, Spec]:
@@ -97,7 +96,7 @@ def build_graph(experiment: Experiment, plan: DemoPlan, ctx: Context) -> Graph:
     rows = [(GENERALIST, plan.generalist)] + [(s.name, Path(paths[s.name])) for s in specs.values() if s.row]
     for row, model in rows:
         _add(nodes, eval_node(plan, experiment, row, model))
-    return Graph(nodes, tuple(rows), plan)
+    return Graph(nodes, tuple(rows))
 
 
 def by_file_names(recipe: dict[str, Any], inputs: list[str]) -> Any:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -185,8 +186,8 @@ def train_experts(plan: DemoPlan, jobs: list[ExpertJob], workers: int) -> list[P
     from merge_core.app.experiment.executors.local import LocalExecutor
 
     cpus = max(1, (os.cpu_count() or 1) // max(1, workers))
-    nodes = {n.id: n for n in (finetune_node(plan, j, Resources(cpus=cpus), j.name) for j in jobs)}
-    nodes = {i: Node(n.id, n.name, n.kind, n.output, (), n.task, n.resources) for i, n in nodes.items()}
+    # each starts from a model that exists already: none needs another
+    nodes = {n.id: replace(n, needs=()) for n in (finetune_node(plan, j, Resources(cpus=cpus), j.name) for j in jobs)}
     todo = sum(not n.output.exists() for n in nodes.values())
     print(f"experts: {todo} to train, {len(nodes) - todo} reused")
     progress = Progress(nodes, plan.out / "experiment.log", plan.out / "logs", live=False)
